@@ -1,0 +1,1 @@
+"""lbfuse: a read-only filesystem view of restore points (pure model + mfusepy adapter)."""

@@ -1,0 +1,3 @@
+from lbrestore.cli import main
+
+main()

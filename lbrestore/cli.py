@@ -1,0 +1,65 @@
+"""The `lbrestore` command line: one group, one error handler, commands registered from modules.
+
+Library code raises; only this module turns known errors into one line and an exit code.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from lbrestore import __version__
+from lbrestore.errors import KNOWN_ERRORS
+
+DEFAULT_STORE = Path.home() / ".local" / "share" / "lbrestore"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lbrestore")
+@click.option(
+    "--store",
+    "store_path",
+    type=click.Path(path_type=Path),
+    envvar="LBRESTORE_STORE",
+    default=DEFAULT_STORE,
+    show_default="$LBRESTORE_STORE or ~/.local/share/lbrestore",
+    help="The store folder.",
+)
+@click.pass_context
+def cli(ctx: click.Context, store_path: Path) -> None:
+    """Live backup and restore of KVM/QEMU virtual machines."""
+    ctx.obj = {"store_path": store_path}
+
+
+def _register_commands() -> None:
+    """Attach every command module's commands to the group (each module owns its commands)."""
+    from lbrestore import commands
+
+    for command in commands.all_commands():
+        cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI and map known errors to one line and an exit code."""
+    _register_commands()
+    try:
+        status = cli.main(args=argv, prog_name="lbrestore", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("lbrestore: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KNOWN_ERRORS as exc:
+        click.echo(f"lbrestore: {exc}", err=True)
+        sys.exit(getattr(exc, "exit_code", 1))
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: stop quietly, as POSIX tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -1,0 +1,1 @@
+"""qcow2 reading and writing, following QEMU's docs/interop/qcow2.txt."""
