@@ -10,6 +10,7 @@ from construct import (
     Bytes,
     Const,
     Int8ub,
+    Int16ub,
     Int32ub,
     Int64ub,
     PaddedString,
@@ -23,6 +24,7 @@ QCOW_MAGIC = b"QFI\xfb"
 HEADER_V2_LENGTH = 72
 HEADER_V3_MIN_LENGTH = 104
 HEADER_V3_LENGTH_WITH_COMPRESSION = 112  # 104 + compression_type (1 byte) + 7 bytes padding
+MAX_BACKING_FILE_NAME = 1023  # "backing_file_size": must not be longer than 1023 bytes
 
 MIN_CLUSTER_BITS = 9  # 512 bytes
 MAX_CLUSTER_BITS = 21  # 2 MiB
@@ -73,6 +75,14 @@ INCOMPAT_NAMES = {
     INCOMPAT_COMPRESSION_TYPE: "compression type",
     INCOMPAT_EXTENDED_L2: "extended L2 entries",
 }
+
+INCOMPAT_KNOWN_MASK = (
+    INCOMPAT_DIRTY
+    | INCOMPAT_CORRUPT
+    | INCOMPAT_EXTERNAL_DATA_FILE
+    | INCOMPAT_COMPRESSION_TYPE
+    | INCOMPAT_EXTENDED_L2
+)
 
 # compatible_features bits
 COMPAT_LAZY_REFCOUNTS = 1 << 0
@@ -127,20 +137,62 @@ FullDiskEncryptionExtension = Struct(
     "length" / Int64ub,
 )
 
+# The backing file format and external data file extensions hold a bare string (no NUL).
+
+# --- "Bitmaps": bitmap directory entry (fixed part; name and extra data follow) ---------------
+
+BitmapDirectoryEntry = Struct(
+    "bitmap_table_offset" / Int64ub,
+    "bitmap_table_size" / Int32ub,
+    "flags" / Int32ub,
+    "type" / Int8ub,
+    "granularity_bits" / Int8ub,
+    "name_size" / Int16ub,
+    "extra_data_size" / Int32ub,
+)
+
+# --- "Snapshots": snapshot table entry (fixed part; extra data, id and name follow) -----------
+
+SnapshotHeader = Struct(
+    "l1_table_offset" / Int64ub,
+    "l1_size" / Int32ub,
+    "id_str_size" / Int16ub,
+    "name_size" / Int16ub,
+    "date_sec" / Int32ub,
+    "date_nsec" / Int32ub,
+    "vm_clock_nsec" / Int64ub,
+    "vm_state_size" / Int32ub,
+    "extra_data_size" / Int32ub,
+)
+
+QCOW_MAX_SNAPSHOTS = 65536  # QEMU's limit on nb_snapshots
+QCOW_MAX_L1_SIZE = 0x2000000  # QEMU's limit on the L1 table, in bytes (32 MiB)
+QCOW_MAX_REFTABLE_SIZE = 0x800000  # QEMU's limit on the refcount table, in bytes (8 MiB)
+
 # --- "Host cluster management": refcount table and blocks -------------------------------------
 
 REFCOUNT_TABLE_OFFSET_MASK = 0xFFFFFFFFFFFFFE00  # bits 9-63
+RefcountTableEntry = Int64ub
+# Refcount blocks hold cluster_size * 8 / 2**refcount_order big-endian unsigned entries of
+# 2**refcount_order bits each; 16-bit (the default) is the common case.
+RefcountEntry16 = Int16ub
 DEFAULT_REFCOUNT_ORDER = 4  # 16-bit refcounts
 MAX_REFCOUNT_ORDER = 6
 
 # --- "Cluster mapping": L1 and L2 entries -----------------------------------------------------
 
 L1_ENTRY_SIZE = 8
+L1Entry = Int64ub
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55: offset of the L2 table
 L1E_RESERVED_MASK = 0x7F000000000001FF  # bits 0-8 and 56-62 must be zero
 
 L2_ENTRY_SIZE = 8
 L2_ENTRY_SIZE_EXTENDED = 16
+L2Entry = Int64ub
+ExtendedL2Entry = Struct(
+    "entry" / Int64ub,
+    "bitmap" / Int64ub,  # bits 0-31: subcluster allocated; bits 32-63: subcluster reads as zero
+)
 
 QCOW_OFLAG_COPIED = 1 << 63
 QCOW_OFLAG_COMPRESSED = 1 << 62
@@ -157,6 +209,8 @@ def compressed_offset_bits(cluster_bits: int) -> int:
     """Number of low bits of a compressed cluster descriptor that hold the host offset (x)."""
     return 62 - (cluster_bits - 8)
 
+
+EXTENDED_L2_MIN_CLUSTER_BITS = 14  # QEMU: extended L2 needs clusters >= 16 KiB
 
 # Extended L2 entries: the second 64 bits hold the subcluster allocation (bits 0-31) and
 # zero (bits 32-63) bitmaps.
