@@ -74,3 +74,105 @@ class NbdTlsError(QemuError):
         self.server = server
         self.problem = problem
         super().__init__(f"NBD over TLS to {server} failed: {problem}")
+
+
+# --- QMP, discovery, fleecing, NBD pull (lbqemu/qmp.py, discovery.py, fleece.py, nbd.py) ----------
+
+
+class AddressError(QemuError):
+    """An address given on the command line (`--qmp`, `--nbd`) is malformed (exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, address: str, problem: str) -> None:
+        self.address = address
+        self.problem = problem
+        super().__init__(f"address {address!r}: {problem}")
+
+
+class InsecureTransportError(QemuError):
+    """Plain TCP without TLS was requested without the explicit opt-in (exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__(
+            f"NBD over plain TCP ({address}) would send disk contents unencrypted: "
+            "give --tls-creds DIR, use a unix socket, or allow it explicitly with --insecure-tcp"
+        )
+
+
+class QmpConnectError(QemuError):
+    """No QMP session could be established with QEMU at `address`."""
+
+    def __init__(self, address: str, problem: str) -> None:
+        self.address = address
+        self.problem = problem
+        super().__init__(f"cannot connect to QEMU's QMP at {address}: {problem}")
+
+
+class QmpCommandError(QemuError):
+    """QEMU answered a QMP command with an error; `error_class` and `desc` are QEMU's own."""
+
+    def __init__(self, command: str, desc: str, error_class: str | None = None) -> None:
+        self.command = command
+        self.desc = desc
+        self.error_class = error_class
+        super().__init__(f"QEMU refused {command}: {desc}")
+
+
+class QmpTimeoutError(QemuError):
+    """QEMU did not answer (a command, or an awaited event) within `timeout` seconds."""
+
+    def __init__(self, what: str, timeout: float) -> None:
+        self.what = what
+        self.timeout = timeout
+        super().__init__(f"QEMU: no answer to {what} within {timeout:g} s")
+
+
+class QmpDisconnectedError(QemuError):
+    """The QMP connection was lost (QEMU exited or closed the socket)."""
+
+    def __init__(self, address: str, problem: str) -> None:
+        self.address = address
+        self.problem = problem
+        super().__init__(f"lost the QMP connection to {address}: {problem}")
+
+
+class QemuJobError(QemuError):
+    """A QEMU block job failed or ended unexpectedly; `problem` is QEMU's error text."""
+
+    def __init__(self, job_id: str, problem: str) -> None:
+        self.job_id = job_id
+        self.problem = problem
+        super().__init__(f"QEMU job {job_id}: {problem}")
+
+
+class DiskSelectionError(QemuError):
+    """`--disk` named a disk the VM does not have (exit code 2); lists the disks it has."""
+
+    exit_code = 2
+
+    def __init__(self, unknown: list[str], available: list[str]) -> None:
+        self.unknown = unknown
+        self.available = available
+        have = ", ".join(available) or "none"
+        super().__init__(f"no such disk: {', '.join(unknown)} (the VM has: {have})")
+
+
+class NbdError(QemuError):
+    """Reading a point-in-time view over NBD failed; `problem` is libnbd's message."""
+
+    def __init__(self, export: str, problem: str) -> None:
+        self.export = export
+        self.problem = problem
+        super().__init__(f"NBD export {export}: {problem}")
+
+
+class PullCancelledError(QemuError):
+    """The NBD pull was stopped on request (Ctrl-C or another failure of the job)."""
+
+    def __init__(self, export: str) -> None:
+        self.export = export
+        super().__init__(f"NBD export {export}: pull cancelled")
