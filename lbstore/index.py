@@ -1,0 +1,491 @@
+"""The store's SQLite index: every SQL statement of lbstore lives here.
+
+The index is `STORE/index.sqlite` in WAL mode (readers never wait for the writer) with foreign
+keys on. Its schema grows by `sqlite_utils.Migrations`, never by hand. Each logical unit (begin a
+point, commit a point, recover) runs inside one `db.atomic()` transaction, so a crash leaves
+either the old state or the new one.
+
+Checksums are kept compactly: one row per (point, disk, chunk of CHECKSUM_CHUNK_CLUSTERS guest
+clusters) holding a blob of run-encoded cluster indexes and a blob of concatenated digests, so a
+restore point costs O(disks) rows, never one row per cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database, Migrations
+
+from lbstore.model import utc_iso
+
+INDEX_NAME = "index.sqlite"
+CHECKSUM_ALGORITHM = "blake3"
+DIGEST_SIZE = 32
+CHECKSUM_CHUNK_CLUSTERS = 1 << 16
+"""Guest clusters per checksum row: 4 GiB of guest space at 64 KiB clusters, <= 2 MiB of digests."""
+
+migrations = Migrations("lbstore")
+
+
+@migrations(name="0001_initial")
+def _initial_schema(db: Database) -> None:
+    """Store identity, VMs, disks, restore points, their files, checksums and events."""
+    for statement in _INITIAL_SCHEMA.split(";\n"):
+        if statement.strip():
+            db.execute(statement)
+
+
+_INITIAL_SCHEMA = """
+CREATE TABLE store (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE vms (
+    name TEXT PRIMARY KEY,
+    uuid TEXT,
+    machine TEXT,
+    memory_mib INTEGER,
+    cpus INTEGER,
+    disks TEXT,
+    nics TEXT,
+    libvirt_xml TEXT,
+    definition TEXT,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE disks (
+    vm TEXT NOT NULL REFERENCES vms(name),
+    name TEXT NOT NULL,
+    virtual_size INTEGER NOT NULL,
+    cluster_size INTEGER NOT NULL,
+    PRIMARY KEY (vm, name)
+);
+CREATE TABLE restore_points (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm TEXT NOT NULL REFERENCES vms(name),
+    created TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('full', 'incremental', 'resync', 'merged')),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'committed')),
+    definition TEXT,
+    started TEXT NOT NULL,
+    committed TEXT
+);
+CREATE INDEX restore_points_by_vm ON restore_points (vm, state, created, id);
+CREATE TABLE point_disks (
+    point_id INTEGER NOT NULL REFERENCES restore_points(id),
+    disk TEXT NOT NULL,
+    file TEXT NOT NULL UNIQUE,
+    backing_point_id INTEGER,
+    mode TEXT NOT NULL CHECK (mode IN ('full', 'incremental', 'resync')),
+    virtual_size INTEGER NOT NULL,
+    cluster_size INTEGER NOT NULL,
+    stored_bytes INTEGER NOT NULL,
+    PRIMARY KEY (point_id, disk),
+    FOREIGN KEY (backing_point_id, disk) REFERENCES point_disks (point_id, disk)
+);
+CREATE INDEX point_disks_by_backing ON point_disks (backing_point_id, disk);
+CREATE TABLE checksums (
+    point_id INTEGER NOT NULL,
+    disk TEXT NOT NULL,
+    chunk INTEGER NOT NULL,
+    algorithm TEXT NOT NULL,
+    cluster_runs BLOB NOT NULL,
+    digests BLOB NOT NULL,
+    PRIMARY KEY (point_id, disk, chunk),
+    FOREIGN KEY (point_id, disk) REFERENCES point_disks (point_id, disk) ON DELETE CASCADE
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    vm TEXT,
+    point_id INTEGER,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    details TEXT
+);
+CREATE INDEX events_by_vm ON events (vm, id)
+"""
+
+# --- checksum chunk encoding --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChecksumChunk:
+    """The digests of the stored clusters of one file within one chunk of guest clusters.
+
+    `runs` holds (first, count) pairs of cluster indexes relative to the chunk's first cluster,
+    sorted; `digests` holds DIGEST_SIZE bytes per cluster in the same order.
+    """
+
+    chunk: int
+    runs: tuple[tuple[int, int], ...]
+    digests: bytes
+
+    def clusters(self) -> Iterator[tuple[int, bytes]]:
+        """(absolute guest cluster index, digest) for every cluster of this chunk, in order."""
+        base = self.chunk * CHECKSUM_CHUNK_CLUSTERS
+        position = 0
+        for first, count in self.runs:
+            for index in range(first, first + count):
+                yield base + index, self.digests[position : position + DIGEST_SIZE]
+                position += DIGEST_SIZE
+
+
+def encode_runs(runs: Sequence[tuple[int, int]]) -> bytes:
+    """(first, count) pairs as little-endian uint32s."""
+    flat = array("I", [value for run in runs for value in run])
+    if flat.itemsize != 4:  # pragma: no cover - every platform we run on has 32-bit "I"
+        raise RuntimeError("array('I') is not 32 bits wide")
+    return flat.tobytes()
+
+
+def decode_runs(blob: bytes) -> tuple[tuple[int, int], ...]:
+    """The inverse of encode_runs."""
+    flat = array("I")
+    flat.frombytes(blob)
+    return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+
+
+# --- the index ----------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return utc_iso(datetime.now(UTC))
+
+
+def _connect(path: Path, *, readonly: bool, immutable: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode: transactions are opened only by `db.atomic()`."""
+    if readonly:
+        flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+        uri = f"{path.resolve().as_uri()}?{flags}"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)
+    return sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+
+
+class Index:
+    """The SQLite index of one store. Methods are named for what they mean, not for SQL."""
+
+    def __init__(self, db: Database, *, readonly: bool) -> None:
+        self.db = db
+        self.readonly = readonly
+
+    # --- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path) -> Index:
+        """Create (or upgrade) the index at `path` and give the store its identity."""
+        index = cls.open(path, readonly=False)
+        with index.db.atomic():
+            index.db.execute(
+                "INSERT OR IGNORE INTO store (key, value) VALUES ('id', ?), ('created', ?)",
+                [str(uuid.uuid4()), _now()],
+            )
+        return index
+
+    @classmethod
+    def open(
+        cls, path: Path, *, readonly: bool, immutable: bool = False, migrate: bool = True
+    ) -> Index:
+        """Open the index; the writer (`migrate`) sets WAL mode and applies pending migrations.
+
+        `readonly` opens a read-only connection (`immutable` for a read-only filesystem); readers
+        that may log events open read-write with `migrate=False`.
+        """
+        conn = _connect(path, readonly=readonly, immutable=immutable)
+        db = Database(conn)
+        db.execute("PRAGMA foreign_keys = ON")
+        if not readonly and migrate:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            migrations.apply(db)
+        return cls(db, readonly=readonly)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+    def schema_is_current(self) -> bool:
+        """True when every migration has been applied (a reader cannot apply them)."""
+        return not migrations.pending(self.db)
+
+    def identity(self) -> dict[str, str]:
+        """The store's identity: its id (a UUID) and creation time."""
+        return {row[0]: row[1] for row in self.db.execute("SELECT key, value FROM store")}
+
+    # --- restore points -------------------------------------------------------------------------
+
+    def begin_point(self, vm: str, created: datetime) -> int:
+        """Insert a pending restore point (creating the VM row if new); return its id."""
+        now = _now()
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT OR IGNORE INTO vms (name, created, updated) VALUES (?, ?, ?)",
+                [vm, now, now],
+            )
+            cursor = self.db.execute(
+                "INSERT INTO restore_points (vm, created, kind, state, started) "
+                "VALUES (?, ?, 'full', 'pending', ?)",
+                [vm, utc_iso(created), now],
+            )
+            point_id = cursor.lastrowid
+        assert point_id is not None
+        return point_id
+
+    def commit_point(self, point: CommitRecord) -> None:
+        """Mark a pending point committed with its files, checksums and definition: one unit."""
+        with self.db.atomic():
+            self._commit_point_rows(point)
+
+    def _commit_point_rows(self, point: CommitRecord) -> None:
+        definition = json.dumps(point.definition) if point.definition is not None else None
+        cursor = self.db.execute(
+            "UPDATE restore_points SET kind = ?, state = 'committed', definition = ?, "
+            "committed = ? WHERE id = ? AND state = 'pending'",
+            [point.kind, definition, _now(), point.point_id],
+        )
+        if cursor.rowcount != 1:
+            raise RuntimeError(f"restore point {point.point_id} is not pending")
+        for disk in point.disks:
+            self.db.execute(
+                "INSERT INTO point_disks (point_id, disk, file, backing_point_id, mode, "
+                "virtual_size, cluster_size, stored_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    point.point_id,
+                    disk.name,
+                    disk.file,
+                    disk.backing_point_id,
+                    disk.mode,
+                    disk.virtual_size,
+                    disk.cluster_size,
+                    disk.stored_bytes,
+                ],
+            )
+            self.db.execute(
+                "INSERT INTO disks (vm, name, virtual_size, cluster_size) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (vm, name) DO UPDATE SET virtual_size = excluded.virtual_size, "
+                "cluster_size = excluded.cluster_size",
+                [point.vm, disk.name, disk.virtual_size, disk.cluster_size],
+            )
+            for chunk in disk.checksums:
+                self.db.execute(
+                    "INSERT INTO checksums (point_id, disk, chunk, algorithm, cluster_runs, "
+                    "digests) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        point.point_id,
+                        disk.name,
+                        chunk.chunk,
+                        CHECKSUM_ALGORITHM,
+                        encode_runs(chunk.runs),
+                        chunk.digests,
+                    ],
+                )
+        if point.definition is not None:
+            self._set_vm_definition(point.vm, point.definition)
+
+    def _set_vm_definition(self, vm: str, definition: dict[str, Any]) -> None:
+        """Keep the VM's latest definition, with its well-known fields in columns."""
+
+        def as_json(value: Any) -> str | None:
+            return None if value is None else json.dumps(value)
+
+        self.db.execute(
+            "UPDATE vms SET uuid = ?, machine = ?, memory_mib = ?, cpus = ?, disks = ?, "
+            "nics = ?, libvirt_xml = ?, definition = ?, updated = ? WHERE name = ?",
+            [
+                definition.get("uuid"),
+                definition.get("machine"),
+                definition.get("memory_mib"),
+                definition.get("cpus"),
+                as_json(definition.get("disks")),
+                as_json(definition.get("nics")),
+                definition.get("libvirt_xml"),
+                json.dumps(definition),
+                _now(),
+                vm,
+            ],
+        )
+
+    def committed_points(self, vm: str | None = None) -> list[dict[str, Any]]:
+        """Committed restore points (rows), oldest first; ties in time by id."""
+        where, params = ("AND vm = ?", [vm]) if vm is not None else ("", [])
+        return list(
+            self.db.query(
+                "SELECT id, vm, created, kind, definition FROM restore_points "
+                f"WHERE state = 'committed' {where} ORDER BY created, id",
+                params,
+            )
+        )
+
+    def point_disks(self, point_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """The disk rows of the given points (all committed ones when None), by point and name."""
+        if point_ids is None:
+            return list(
+                self.db.query(
+                    "SELECT d.* FROM point_disks d JOIN restore_points p ON p.id = d.point_id "
+                    "WHERE p.state = 'committed' ORDER BY d.point_id, d.disk"
+                )
+            )
+        marks = ",".join("?" for _ in point_ids)
+        return list(
+            self.db.query(
+                f"SELECT * FROM point_disks WHERE point_id IN ({marks}) ORDER BY point_id, disk",
+                list(point_ids),
+            )
+        )
+
+    def latest_disk(self, vm: str, disk: str) -> dict[str, Any] | None:
+        """The disk row of the newest committed point of `vm` that holds `disk`, or None."""
+        rows = list(
+            self.db.query(
+                "SELECT d.* FROM point_disks d JOIN restore_points p ON p.id = d.point_id "
+                "WHERE p.vm = ? AND d.disk = ? AND p.state = 'committed' "
+                "ORDER BY p.created DESC, p.id DESC LIMIT 1",
+                [vm, disk],
+            )
+        )
+        return rows[0] if rows else None
+
+    def latest_created(self, vm: str) -> str | None:
+        """The creation time (text) of the newest committed point of `vm`, or None."""
+        row = self.db.execute(
+            "SELECT MAX(created) FROM restore_points WHERE vm = ? AND state = 'committed'", [vm]
+        ).fetchone()
+        return row[0] if row else None
+
+    def vm_names(self) -> list[str]:
+        """Names of the VMs that have at least one committed restore point, sorted."""
+        return [
+            row[0]
+            for row in self.db.execute(
+                "SELECT DISTINCT vm FROM restore_points WHERE state = 'committed' ORDER BY vm"
+            )
+        ]
+
+    def vm_row(self, vm: str) -> dict[str, Any] | None:
+        """The VM's row (latest definition), or None."""
+        rows = list(self.db.query("SELECT * FROM vms WHERE name = ?", [vm]))
+        return rows[0] if rows else None
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    def pending_points(self) -> list[dict[str, Any]]:
+        """Restore points begun but never committed (their writer died or aborted)."""
+        return list(
+            self.db.query("SELECT id, vm FROM restore_points WHERE state = 'pending' ORDER BY id")
+        )
+
+    def forget_pending(self, point_id: int) -> None:
+        """Delete a pending point's rows (it has no disks or checksums: those come at commit)."""
+        with self.db.atomic():
+            self.db.execute(
+                "DELETE FROM restore_points WHERE id = ? AND state = 'pending'", [point_id]
+            )
+
+    # --- checksums ------------------------------------------------------------------------------
+
+    def checksum_chunk(self, point_id: int, disk: str, chunk: int) -> ChecksumChunk | None:
+        """One chunk of a file's checksums, or None when it stores no cluster there."""
+        row = self.db.execute(
+            "SELECT cluster_runs, digests FROM checksums WHERE point_id = ? AND disk = ? "
+            "AND chunk = ?",
+            [point_id, disk, chunk],
+        ).fetchone()
+        if row is None:
+            return None
+        return ChecksumChunk(chunk, decode_runs(row[0]), bytes(row[1]))
+
+    def checksum_chunks(self, point_id: int, disk: str) -> Iterator[ChecksumChunk]:
+        """Every chunk of a file's checksums, in guest order."""
+        cursor = self.db.execute(
+            "SELECT chunk, cluster_runs, digests FROM checksums WHERE point_id = ? AND disk = ? "
+            "ORDER BY chunk",
+            [point_id, disk],
+        )
+        for chunk, runs, digests in cursor.fetchall():
+            yield ChecksumChunk(chunk, decode_runs(runs), bytes(digests))
+
+    def checksum_state(self, point_id: int, disk: str) -> dict[str, int]:
+        """How many clusters of a file have a checksum, and how many bytes of index that costs."""
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(digests)), 0), "
+            "COALESCE(SUM(LENGTH(cluster_runs)), 0) FROM checksums "
+            "WHERE point_id = ? AND disk = ?",
+            [point_id, disk],
+        ).fetchone()
+        return {
+            "rows": row[0],
+            "clusters": row[1] // DIGEST_SIZE,
+            "index_bytes": row[1] + row[2],
+        }
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows per table (for the index-cost benchmark and `info`)."""
+        tables = ("vms", "disks", "restore_points", "point_disks", "checksums", "events")
+        return {t: self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def record_event(
+        self,
+        vm: str | None,
+        kind: str,
+        message: str,
+        *,
+        point_id: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Append one event to the log."""
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO events (time, vm, point_id, kind, message, details) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [_now(), vm, point_id, kind, message, json.dumps(details or {}, default=str)],
+            )
+
+    def events(self, vm: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """Events, oldest first, optionally of one VM and/or one kind."""
+        clauses, params = [], []
+        if vm is not None:
+            clauses.append("vm = ?")
+            params.append(vm)
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = list(self.db.query(f"SELECT * FROM events {where} ORDER BY id", params))
+        for row in rows:
+            row["details"] = json.loads(row["details"]) if row["details"] else {}
+        return rows
+
+
+@dataclass(frozen=True)
+class CommitDisk:
+    """What the index records for one disk of a restore point being committed."""
+
+    name: str
+    file: str
+    backing_point_id: int | None
+    mode: str
+    virtual_size: int
+    cluster_size: int
+    stored_bytes: int
+    checksums: tuple[ChecksumChunk, ...]
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """Everything `Index.commit_point` writes in its one transaction."""
+
+    point_id: int
+    vm: str
+    kind: str
+    definition: dict[str, Any] | None
+    disks: tuple[CommitDisk, ...]

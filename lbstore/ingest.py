@@ -1,0 +1,488 @@
+"""Writing one restore point: all disks of a VM from one instant, committed atomically.
+
+`Store.begin(vm)` inserts a pending row (it gives the point its id), each disk is streamed into
+`tmp/<id>/<disk>.qcow2` (an overlay whose backing file is that disk's previous point, named
+relatively as `<previous id>.qcow2`), and `commit()` does: close and fsync every file, rename
+each into `data/<vm>/<disk>/<id>.qcow2`, fsync the directories, then mark the point committed in
+one index transaction. A crash before that transaction leaves a pending row, which the next
+writer's recovery removes with its files.
+
+Every stored cluster gets a BLAKE3 digest of the whole cluster (zero-padded at the end of the
+disk), computed while writing. Zero clusters are recognised by that digest and stored as zero
+clusters (or not at all in a full file), so they need no data checksum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from array import array
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import blake3
+
+from lbstore.errors import IngestError, Qcow2Error, Qcow2WriteError, StoreError, StoreSpaceError
+from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, ChecksumChunk, CommitDisk, CommitRecord
+from lbstore.model import DISK_MODES, RestorePoint, as_utc, parse_utc
+from lbstore.names import check_disk_name
+from lbstore.qcow2.writer import Qcow2Writer
+from lbstore.view import ChainView, ChecksumLookup, zero_digest
+
+if TYPE_CHECKING:
+    from lbstore.store import Store
+
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_space_error(exc: BaseException) -> bool:
+    code = getattr(exc, "errno", None)
+    return code in _SPACE_ERRNOS
+
+
+def _point_kind(modes: list[str]) -> str:
+    """full when every disk is full; resync when any disk was resynced; else incremental."""
+    if all(m == "full" for m in modes):
+        return "full"
+    if "resync" in modes:
+        return "resync"
+    return "incremental"
+
+
+class _Digests:
+    """The digests of one file's stored clusters, collected in any order, chunked on finish."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, tuple[array[int], bytearray]] = {}
+
+    def add(self, cluster: int, digest: bytes) -> None:
+        chunk, relative = divmod(cluster, CHECKSUM_CHUNK_CLUSTERS)
+        entry = self._chunks.get(chunk)
+        if entry is None:
+            entry = self._chunks[chunk] = (array("I"), bytearray())
+        entry[0].append(relative)
+        entry[1].extend(digest)
+
+    def finish(self) -> tuple[ChecksumChunk, ...]:
+        """Chunks with sorted, run-encoded cluster indexes."""
+        out = []
+        for chunk in sorted(self._chunks):
+            indexes, digests = self._chunks[chunk]
+            order = sorted(range(len(indexes)), key=indexes.__getitem__)
+            if order != list(range(len(indexes))):
+                digests = bytearray(b"".join(bytes(digests[i * 32 : i * 32 + 32]) for i in order))
+                indexes = array("I", (indexes[i] for i in order))
+            out.append(ChecksumChunk(chunk, _to_runs(indexes), bytes(digests)))
+        return tuple(out)
+
+
+def _to_runs(indexes: array[int]) -> tuple[tuple[int, int], ...]:
+    runs: list[list[int]] = []
+    for index in indexes:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, 1])
+    return tuple((first, count) for first, count in runs)
+
+
+class DiskIngest:
+    """One disk of a restore point being written. Feed it cluster-aligned runs in any order."""
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        name: str,
+        writer: Qcow2Writer,
+        *,
+        virtual_size: int,
+        cluster_size: int,
+        mode: str,
+        backing_point_id: int | None,
+        previous: ChainView | None,
+        lookup: ChecksumLookup | None,
+    ) -> None:
+        self.name = name
+        self.mode = mode
+        self.virtual_size = virtual_size
+        self.cluster_size = cluster_size
+        self.backing_point_id = backing_point_id
+        self._ingest = ingest
+        self._writer = writer
+        self._previous = previous
+        self._lookup = lookup
+        self._digests = _Digests()
+        self._zero_digest = zero_digest(self.cluster_size)
+        self.received_bytes = 0
+
+    @property
+    def stored_bytes(self) -> int:
+        """Data bytes stored in this disk's new file so far."""
+        return self._writer.stored_bytes
+
+    def _check_run(self, offset: int, length: int, what: str) -> None:
+        end = offset + length
+        if offset < 0 or length < 0 or end > self.virtual_size:
+            raise IngestError(
+                self._ingest.vm,
+                f"disk {self.name}: {what} [{offset}, {end}) is outside the disk "
+                f"({self.virtual_size} bytes)",
+            )
+        if offset % self.cluster_size or (length % self.cluster_size and end != self.virtual_size):
+            raise IngestError(
+                self._ingest.vm,
+                f"disk {self.name}: {what} [{offset}, {end}) is not aligned to the cluster "
+                f"size {self.cluster_size}",
+            )
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store guest data at `offset` (cluster-aligned; whole clusters or up to the disk end)."""
+        view = memoryview(data).cast("B")
+        self._check_run(offset, len(view), "write")
+        self.received_bytes += len(view)
+        self._ingest._guard(lambda: self._write_clusters(offset, view))
+
+    def zero(self, offset: int, length: int) -> None:
+        """Record that `[offset, offset + length)` reads as zeros (cluster-aligned)."""
+        self._check_run(offset, length, "zero")
+        self.received_bytes += length
+        self._ingest._guard(lambda: self._zero_clusters(offset, length))
+
+    def _write_clusters(self, offset: int, view: memoryview) -> None:
+        size = self.cluster_size
+        first = offset // size
+        pending_start: int | None = None  # first cluster (relative) of a run of data to store
+        for i in range((len(view) + size - 1) // size):
+            piece = view[i * size : (i + 1) * size]
+            digest = _digest(piece, size)
+            store = self._decide(first + i, digest)
+            if store == "data":
+                self._digests.add(first + i, digest)
+                if pending_start is None:
+                    pending_start = i
+                continue
+            if pending_start is not None:
+                self._writer.write(
+                    (first + pending_start) * size, view[pending_start * size : i * size]
+                )
+                pending_start = None
+            if store == "zero":
+                self._writer.write_zeroes((first + i) * size, len(piece))
+        if pending_start is not None:
+            self._writer.write((first + pending_start) * size, view[pending_start * size :])
+
+    def _decide(self, cluster: int, digest: bytes) -> str:
+        """'data', 'zero' or 'skip' for one incoming cluster with this digest."""
+        is_zero = digest == self._zero_digest
+        if self.mode == "full":
+            return "skip" if is_zero else "data"
+        if self.mode == "resync" and self._previous_digest(cluster) == digest:
+            return "skip"
+        return "zero" if is_zero else "data"
+
+    def _previous_digest(self, cluster: int) -> bytes | None:
+        """The digest of `cluster` in the previous point's view (None when unknown)."""
+        assert self._previous is not None and self._lookup is not None
+        offset = cluster * self.cluster_size
+        if offset >= self._previous.virtual_size:
+            return self._zero_digest  # the disk grew: past a backing file's end reads zeros
+        point_id = self._previous.source_of(offset)
+        if point_id is None:
+            return self._zero_digest
+        return self._lookup.digest(point_id, cluster)
+
+    def _zero_clusters(self, offset: int, length: int) -> None:
+        if self.mode == "full" or length == 0:
+            return
+        if self.mode == "incremental":
+            self._writer.write_zeroes(offset, length)
+            return
+        size = self.cluster_size
+        first, count = offset // size, (length + size - 1) // size
+        run_start: int | None = None
+        for cluster in range(first, first + count + 1):
+            needs = cluster < first + count and self._previous_digest(cluster) != self._zero_digest
+            if needs and run_start is None:
+                run_start = cluster
+            elif not needs and run_start is not None:
+                end = min(cluster * size, offset + length)
+                self._writer.write_zeroes(run_start * size, end - run_start * size)
+                run_start = None
+
+    def _close(self) -> None:
+        self._writer.close()
+
+    def _abort(self) -> None:
+        with contextlib.suppress(Qcow2Error):  # recovery removes tmp/ leftovers on next open
+            self._writer.abort()
+        if self._previous is not None:
+            self._previous.close()
+            self._previous = None
+
+    def _commit_record(self, file: str) -> CommitDisk:
+        return CommitDisk(
+            name=self.name,
+            file=file,
+            backing_point_id=self.backing_point_id,
+            mode=self.mode,
+            virtual_size=self.virtual_size,
+            cluster_size=self.cluster_size,
+            stored_bytes=self._writer.stored_bytes,
+            checksums=self._digests.finish(),
+        )
+
+
+def _digest(piece: memoryview, cluster_size: int) -> bytes:
+    """BLAKE3 of a whole cluster; a short last cluster is hashed as if zero-padded."""
+    hasher = blake3.blake3(piece)
+    if len(piece) < cluster_size:
+        hasher.update(bytes(cluster_size - len(piece)))
+    return hasher.digest()
+
+
+class Ingest:
+    """A restore point being written. A context manager: leaving it uncommitted aborts it."""
+
+    def __init__(
+        self,
+        store: Store,
+        vm: str,
+        point_id: int,
+        created: datetime,
+        definition: dict[str, Any] | None,
+    ) -> None:
+        self.store = store
+        self.vm = vm
+        self.point_id = point_id
+        self.created = created
+        self.definition = definition
+        self.tmp_dir = store.tmp_dir / str(point_id)
+        self.disks: dict[str, DiskIngest] = {}
+        self._done = False
+
+    @classmethod
+    def begin(
+        cls,
+        store: Store,
+        vm: str,
+        created: datetime | None,
+        definition: dict[str, Any] | None,
+    ) -> Ingest:
+        """Register a pending point and make its tmp folder."""
+        moment = as_utc(created) if created is not None else datetime.now(UTC)
+        latest = store.index.latest_created(vm)
+        if latest is not None and moment < parse_utc(latest):
+            raise IngestError(
+                vm,
+                f"a restore point cannot be older than the VM's newest one ({latest}); "
+                f"asked for {moment.isoformat()}",
+            )
+        try:
+            point_id = store.index.begin_point(vm, moment)
+        except Exception as exc:
+            raise _as_store_error(exc, store.path) from exc
+        ingest = cls(store, vm, point_id, moment, definition)
+        try:
+            ingest.tmp_dir.mkdir(parents=True)
+        except OSError as exc:
+            ingest.abort()
+            raise _as_store_error(exc, store.path) from exc
+        return ingest
+
+    # --- disks ----------------------------------------------------------------------------------
+
+    def add_disk(
+        self,
+        name: str,
+        virtual_size: int,
+        *,
+        cluster_size: int | None = None,
+        mode: str = "incremental",
+    ) -> DiskIngest:
+        """Start a disk's file. incremental: an overlay on the disk's previous point (a new disk
+        gets a full file); resync: the caller sends every cluster and only clusters whose digest
+        differs from the previous point's view are stored; full: a standalone file.
+        `cluster_size` defaults to the previous file's (65536 for a new disk); a different one
+        starts a new full file."""
+        self._check_open()
+        check_disk_name(name)
+        if name in self.disks:
+            raise IngestError(self.vm, f"disk {name} was added twice")
+        if mode not in DISK_MODES:
+            raise IngestError(self.vm, f"unknown mode {mode!r} (expected {', '.join(DISK_MODES)})")
+        previous = self.store.index.latest_disk(self.vm, name)
+        size = cluster_size or (previous["cluster_size"] if previous else 65536)
+        if previous is None or mode == "full" or previous["cluster_size"] != size:
+            mode, previous = "full", None
+        backing = None if previous is None else f"{previous['point_id']}.qcow2"
+        disk = self._guard(
+            lambda: self._make_disk(name, virtual_size, size, mode, previous, backing)
+        )
+        self.disks[name] = disk
+        return disk
+
+    def _make_disk(
+        self,
+        name: str,
+        virtual_size: int,
+        cluster_size: int,
+        mode: str,
+        previous: dict[str, Any] | None,
+        backing: str | None,
+    ) -> DiskIngest:
+        writer = Qcow2Writer(
+            self.tmp_dir / f"{name}.qcow2",
+            virtual_size,
+            cluster_size=cluster_size,
+            backing_file=backing,
+            backing_format="qcow2" if backing else None,
+        )
+        view = lookup = None
+        if mode == "resync" and previous is not None:
+            point = self.store.point(previous["point_id"])
+            view = self.store.view(point, name)
+            lookup = ChecksumLookup(self.store.index, name)
+        return DiskIngest(
+            self,
+            name,
+            writer,
+            virtual_size=virtual_size,
+            cluster_size=cluster_size,
+            mode=mode,
+            backing_point_id=None if previous is None else previous["point_id"],
+            previous=view,
+            lookup=lookup,
+        )
+
+    # --- commit and abort -----------------------------------------------------------------------
+
+    def commit(self) -> RestorePoint:
+        """Make the point durable and visible: fsync, rename into data/, one index transaction."""
+        self._check_open()
+        if not self.disks:
+            raise IngestError(self.vm, "a restore point needs at least one disk")
+        renamed: list[Path] = []
+        try:
+            record = self._guard(lambda: self._publish_files(renamed))
+            self.store.index.commit_point(record)
+        except BaseException as exc:
+            for path in renamed:
+                path.unlink(missing_ok=True)
+            self.abort()
+            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+                raise _as_store_error(exc, self.store.path) from exc
+            raise
+        self._finish()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        return self.store.point(self.point_id)
+
+    def _publish_files(self, renamed: list[Path]) -> CommitRecord:
+        """Close every file, move it into data/ and fsync; return what the index records."""
+        disks = []
+        for disk in self.disks.values():
+            disk._close()
+        for disk in self.disks.values():
+            relative = f"{self.vm}/{disk.name}/{self.point_id}.qcow2"
+            target = self.store.data_dir / relative
+            _make_dirs(target.parent, self.store.data_dir)
+            source = self.tmp_dir / f"{disk.name}.qcow2"
+            os.chmod(source, 0o444)
+            os.rename(source, target)
+            renamed.append(target)
+            disks.append(disk._commit_record(relative))
+        for folder in {p.parent for p in renamed}:
+            _fsync_dir(folder)
+        _fsync_dir(self.tmp_dir)
+        modes = [d.mode for d in self.disks.values()]
+        return CommitRecord(
+            point_id=self.point_id,
+            vm=self.vm,
+            kind=_point_kind(modes),
+            definition=self.definition,
+            disks=tuple(disks),
+        )
+
+    def abort(self) -> None:
+        """Discard everything written; the point never becomes visible."""
+        if self._done:
+            return
+        self._finish()
+        for disk in self.disks.values():
+            disk._abort()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        # On e.g. a full disk this fails; the next writer's recovery forgets the pending row.
+        with contextlib.suppress(Exception):
+            self.store.index.forget_pending(self.point_id)
+
+    def _finish(self) -> None:
+        self._done = True
+        for disk in self.disks.values():
+            if disk._previous is not None:
+                disk._previous.close()
+                disk._previous = None
+        self.store._ingest_finished(self)
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise IngestError(self.vm, "this restore point was already committed or aborted")
+
+    def _guard(self, action: Callable[[], Any]) -> Any:
+        """Run a write step; on a full disk abort the whole point and say so."""
+        self._check_open()
+        try:
+            return action()
+        except (Qcow2WriteError, OSError) as exc:
+            if _is_space_error(exc):
+                self.abort()
+                raise StoreSpaceError(self.store.path) from exc
+            raise
+
+    def __enter__(self) -> Ingest:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._done:
+            self.abort()
+
+
+def _make_dirs(folder: Path, root: Path) -> None:
+    """mkdir -p below `root`, fsyncing each parent whose entries changed."""
+    missing = []
+    current = folder
+    while not current.exists() and current != root:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir()
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _as_store_error(exc: BaseException, path: Path) -> StoreError:
+    """OS and SQLite failures during ingest as one clear StoreError."""
+    import sqlite3
+
+    if _is_space_error(exc) or (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)):
+        return StoreSpaceError(path)
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, OSError):
+        return StoreError(f"{path}: {exc.strerror or exc}")
+    return StoreError(f"{path}: {exc}")

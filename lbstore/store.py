@@ -1,0 +1,375 @@
+"""A store of restore points: its layout, the write lock, recovery on open, and the read API.
+
+STORE/
+  index.sqlite                                  the index (lbstore.index)
+  lock                                          flock'ed by the one writer (lbstore.lock)
+  data/<vm>/<disk>/<restore-point-id>.qcow2     committed files, read-only, relative backing names
+  tmp/<restore-point-id>/<disk>.qcow2           files being written
+
+Opening a store for writing recovers from a crash of the previous writer: files of points that
+never committed are removed, their index rows forgotten, tmp/ emptied, and committed files are
+checked to exist (a missing one is reported as an event, never "repaired" by deleting anything).
+Writing a restore point lives in lbstore.ingest, reading one in lbstore.view.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from lbstore.chain import disk_chain, parse_address, select_point
+from lbstore.errors import (
+    AddressError,
+    ReadOnlyStoreError,
+    StoreError,
+    StoreIntegrityError,
+    StoreNotFoundError,
+    StorePathError,
+)
+from lbstore.index import INDEX_NAME, Index
+from lbstore.lock import StoreLock
+from lbstore.model import DiskRecord, RestorePoint, parse_utc
+from lbstore.names import check_disk_name, check_vm_name, is_valid_name
+
+if TYPE_CHECKING:
+    from lbstore.ingest import Ingest
+    from lbstore.view import ChainView
+
+__all__ = ["DiskRecord", "RestorePoint", "Store"]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, creations, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _point_from_rows(row: dict[str, Any], disk_rows: list[dict[str, Any]]) -> RestorePoint:
+    import json
+
+    disks = tuple(
+        DiskRecord(
+            name=d["disk"],
+            virtual_size=d["virtual_size"],
+            cluster_size=d["cluster_size"],
+            stored_bytes=d["stored_bytes"],
+            file=d["file"],
+            backing_point_id=d["backing_point_id"],
+            mode=d["mode"],
+        )
+        for d in disk_rows
+    )
+    definition = json.loads(row["definition"]) if row["definition"] else None
+    return RestorePoint(
+        id=row["id"],
+        vm=row["vm"],
+        created=parse_utc(row["created"]),
+        kind=row["kind"],
+        disks=disks,
+        definition=definition,
+    )
+
+
+class Store:
+    """An opened store. Use `Store.open(path, write=...)` as a context manager."""
+
+    def __init__(self, path: Path, index: Index, *, write: bool, lock: StoreLock | None) -> None:
+        self.path = path
+        self.data_dir = path / "data"
+        self.tmp_dir = path / "tmp"
+        self.write = write
+        self._index = index
+        self._lock = lock
+        self._ingest: Ingest | None = None
+        self.problems: list[str] = []
+        """Disagreements between index and data/ found when opened (also logged as events)."""
+
+    # --- creating and opening -------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str]) -> None:
+        """Create the store layout and index at `path` (idempotent for an existing store)."""
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise StorePathError(root, "exists and is not a folder")
+        if root.is_dir() and not (root / INDEX_NAME).exists() and any(root.iterdir()):
+            raise StorePathError(root, "folder is not empty and holds no store")
+        try:
+            for folder in (root, root / "data", root / "tmp"):
+                folder.mkdir(parents=True, exist_ok=True)
+            (root / "lock").touch(exist_ok=True)
+            Index.create(root / INDEX_NAME).close()
+            fsync_dir(root)
+        except OSError as exc:
+            raise StorePathError(root, f"cannot create the store: {exc.strerror or exc}") from exc
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        write: bool = False,
+        lock_timeout: float = 10.0,
+        purpose: str | None = None,
+    ) -> Store:
+        """Open a store; for writing take the lock (waiting up to `lock_timeout`) and recover."""
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise StorePathError(root, "exists and is not a folder")
+        if not (root / INDEX_NAME).is_file():
+            raise StoreNotFoundError(root)
+        if not write:
+            return cls(root, _open_index_for_reading(root), write=False, lock=None)
+        lock = StoreLock(root / "lock")
+        lock.acquire(lock_timeout, purpose)
+        try:
+            if not os.access(root, os.W_OK):
+                raise StorePathError(root, "the store folder is not writable")
+            index = Index.open(root / INDEX_NAME, readonly=False)
+        except BaseException as exc:
+            lock.release()
+            if isinstance(exc, OSError | _sqlite_error()):
+                raise StorePathError(root, f"cannot open the index for writing: {exc}") from exc
+            raise
+        store = cls(root, index, write=True, lock=lock)
+        try:
+            store._recover()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Abort an unfinished ingest, close the index, drop the lock."""
+        if self._ingest is not None:
+            self._ingest.abort()
+        self._index.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Remove what uncommitted points left behind, then cross-check index and data/."""
+        self.data_dir.mkdir(exist_ok=True)
+        self.tmp_dir.mkdir(exist_ok=True)
+        for row in self._index.pending_points():
+            removed = self._remove_point_files(row["vm"], row["id"])
+            self._index.forget_pending(row["id"])
+            self._index.record_event(
+                row["vm"],
+                "recovered",
+                f"discarded uncommitted restore point #{row['id']}",
+                point_id=row["id"],
+                details={"removed_files": removed},
+            )
+        for leftover in self.tmp_dir.iterdir():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        fsync_dir(self.tmp_dir)
+        self.problems = self.check_files()
+        self._log_new_problems()
+
+    def _remove_point_files(self, vm: str, point_id: int) -> list[str]:
+        """Delete data/<vm>/*/<id>.qcow2 of an uncommitted point (renamed before a crash)."""
+        removed: list[str] = []
+        if not is_valid_name(vm):
+            return removed
+        for path in sorted((self.data_dir / vm).glob(f"*/{point_id}.qcow2")):
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+            removed.append(str(path.relative_to(self.data_dir)))
+        return removed
+
+    def check_files(self) -> list[str]:
+        """Problems between index and data/: committed files missing, unknown .qcow2 files."""
+        known = {row["file"] for row in self._index.point_disks()}
+        problems = [
+            f"missing file data/{f}" for f in sorted(known) if not (self.data_dir / f).is_file()
+        ]
+        if self.data_dir.is_dir():
+            for path in sorted(self.data_dir.glob("*/*/*.qcow2")):
+                relative = str(path.relative_to(self.data_dir))
+                if relative not in known:
+                    problems.append(f"unknown file data/{relative} (not in the index; left alone)")
+        return problems
+
+    def _log_new_problems(self) -> None:
+        logged = {e["message"] for e in self._index.events(kind="integrity")}
+        for problem in self.problems:
+            if problem not in logged:
+                self._index.record_event(None, "integrity", problem)
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def restore_points(self, vm: str | None = None) -> list[RestorePoint]:
+        """Committed restore points (of one VM or all), oldest first."""
+        if vm is not None:
+            check_vm_name(vm)
+        rows = self._index.committed_points(vm)
+        disks: dict[int, list[dict[str, Any]]] = {}
+        for disk_row in self._index.point_disks([r["id"] for r in rows] if vm else None):
+            disks.setdefault(disk_row["point_id"], []).append(disk_row)
+        return [_point_from_rows(r, disks.get(r["id"], [])) for r in rows]
+
+    def point(self, point_id: int) -> RestorePoint:
+        """The committed restore point with this id."""
+        for candidate in self.restore_points():
+            if candidate.id == point_id:
+                return candidate
+        raise StoreError(f"no committed restore point #{point_id}")
+
+    def vms(self) -> list[str]:
+        """Names of VMs with committed restore points."""
+        return self._index.vm_names()
+
+    def resolve(self, address: str, *, now: datetime | None = None) -> RestorePoint:
+        """The restore point a `VM@SPEC` address names; AddressError says what exists."""
+        parsed = parse_address(address, now or datetime.now(UTC))
+        points = self.restore_points(parsed.vm)
+        if not points:
+            vms = self.vms()
+            known = f"VMs in this store: {', '.join(vms)}" if vms else "the store is empty"
+            raise AddressError(address, f"no VM named {parsed.vm!r} has restore points; {known}")
+        return select_point(parsed, points)
+
+    def chain(self, point: RestorePoint, disk: str) -> list[RestorePoint]:
+        """The points whose files form `disk`'s chain at `point`, top first."""
+        by_id = {p.id: p for p in self.restore_points(point.vm)}
+        try:
+            ids = disk_chain(point, disk, by_id)
+        except KeyError as exc:
+            raise StoreError(f"{point.vm}@#{point.id}: {exc.args[0]}") from None
+        return [by_id[i] for i in ids]
+
+    def file_path(self, point: RestorePoint, disk: str) -> Path:
+        """Absolute path of the file that `point` stores for `disk`."""
+        record = point.disk(disk)
+        if record is None:
+            names = ", ".join(d.name for d in point.disks) or "none"
+            raise StoreError(f"{point.vm}@#{point.id} has no disk {disk!r} (disks: {names})")
+        return self.data_dir / record.file
+
+    def view(self, point: RestorePoint, disk: str) -> ChainView:
+        """A read view of `disk` at `point` across its chain (close it, or use `with`)."""
+        from lbstore.view import ChainView
+
+        self.file_path(point, disk)
+        layers = [(p.id, self.file_path(p, disk)) for p in self.chain(point, disk)]
+        for _, path in layers:
+            if not path.is_file():
+                raise StoreIntegrityError(path, "a file of this restore point's chain is missing")
+        return ChainView.open(layers)
+
+    def stored_clusters(self, point: RestorePoint, disk: str) -> Iterator[tuple[int, bytes]]:
+        """(guest cluster index, BLAKE3 digest) of every cluster stored in the point's own file."""
+        check_disk_name(disk)
+        self.file_path(point, disk)
+        for chunk in self._index.checksum_chunks(point.id, disk):
+            yield from chunk.clusters()
+
+    def checksum_state(self, point: RestorePoint, disk: str) -> dict[str, int]:
+        """How many clusters of the point's own file have checksums (and what the index pays)."""
+        return self._index.checksum_state(point.id, disk)
+
+    def events(self, vm: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """The event log, oldest first."""
+        return self._index.events(vm, kind)
+
+    def identity(self) -> dict[str, str]:
+        """The store's id and creation time."""
+        return self._index.identity()
+
+    def index_rows(self) -> dict[str, int]:
+        """Rows per index table."""
+        return self._index.row_counts()
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def record_event(self, vm: str | None, kind: str, message: str, **details: Any) -> None:
+        """Append an event to the store's log (needs a writable index)."""
+        if self._index.readonly:
+            raise ReadOnlyStoreError("recording an event")
+        point_id = details.pop("point_id", None)
+        self._index.record_event(vm, kind, message, point_id=point_id, details=details)
+
+    def begin(
+        self,
+        vm: str,
+        *,
+        created: datetime | None = None,
+        definition: dict[str, Any] | None = None,
+    ) -> Ingest:
+        """Start writing a restore point of `vm` (write mode only; one at a time)."""
+        from lbstore.ingest import Ingest
+
+        if not self.write:
+            raise ReadOnlyStoreError("writing a restore point")
+        if self._ingest is not None:
+            raise StoreError("another restore point is being written in this store session")
+        self._ingest = Ingest.begin(self, check_vm_name(vm), created, definition)
+        return self._ingest
+
+    def _ingest_finished(self, ingest: Ingest) -> None:
+        if self._ingest is ingest:
+            self._ingest = None
+
+    @property
+    def index(self) -> Index:
+        """The index (for lbstore's own modules: ingest, verify, merge)."""
+        return self._index
+
+
+def _sqlite_error() -> type[Exception]:
+    import sqlite3
+
+    return sqlite3.Error
+
+
+def _open_index_for_reading(root: Path) -> Index:
+    """A reader's index: read-write connection when possible (events), else immutable read-only.
+
+    A WAL database on a read-only filesystem cannot be opened normally once its -shm file is gone,
+    so there it is opened as immutable: nothing can change it anyway.
+    """
+    import sqlite3
+
+    path = root / INDEX_NAME
+    try:
+        if os.access(root, os.W_OK):
+            index = Index.open(path, readonly=False, migrate=False)
+        else:
+            index = Index.open(path, readonly=True, immutable=True)
+        if not index.schema_is_current():
+            index.close()
+            raise StoreError(f"{root}: the index needs an upgrade; open the store for writing once")
+        return index
+    except sqlite3.Error as exc:
+        raise StorePathError(root, f"cannot read the index: {exc}") from exc
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            raise StorePathError(root, "permission denied") from exc
+        raise

@@ -1,0 +1,355 @@
+"""Chain views: where each guest byte of (restore point, disk) lives, and reading it.
+
+A view resolves one L2-table range (cluster_size / 8 clusters) at a time across the whole chain:
+the top file's runs are taken as they are, its BACKING runs are asked of the next file, and so on
+down to the base; what is still unresolved reads as zeros, and so does anything past a backing
+file's end (QEMU's rule for a grown disk). The resolved segments of a range are cached, so once a
+range is known a read costs a bisect and one pread per segment whatever the chain's depth.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import TracebackType
+
+import blake3
+
+from lbstore.errors import Qcow2Error, StoreIntegrityError
+from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, DIGEST_SIZE, Index
+from lbstore.qcow2.reader import Qcow2Image, RawImage, RunKind
+
+CACHED_RANGES = 64
+
+
+class ViewKind(enum.Enum):
+    """How a guest range of a view is stored."""
+
+    DATA = "data"  # uncompressed in `path` at `host_offset`
+    COMPRESSED = "compressed"  # compressed in `path`
+    ZERO = "zero"  # reads as zeros (zero cluster, unallocated everywhere, or past a file's end)
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRun:
+    """A guest range of a view and the file (restore point) that holds it."""
+
+    kind: ViewKind
+    guest_offset: int
+    length: int
+    point_id: int | None
+    path: Path | None
+    host_offset: int | None
+
+
+@dataclass(slots=True)
+class _Segment:
+    start: int
+    end: int
+    kind: ViewKind
+    layer: int  # index into the chain, -1 for ZERO
+    host: int  # file offset of `start` for DATA, else 0
+
+
+@lru_cache(maxsize=16)
+def zero_digest(cluster_size: int) -> bytes:
+    """BLAKE3 of a cluster of zeros: the digest of every zero or unallocated cluster."""
+    return blake3.blake3(bytes(cluster_size)).digest()
+
+
+class ChainView:
+    """A read-only view of one disk at one restore point, through its chain of files."""
+
+    def __init__(self, layers: Sequence[tuple[int, Path]], images: list[Qcow2Image]) -> None:
+        self._point_ids = [point_id for point_id, _ in layers]
+        self._images = images
+        top = images[0]
+        self.virtual_size = top.virtual_size
+        self.cluster_size = top.cluster_size
+        self.range_size = top.cluster_size * (top.cluster_size // 8)
+        self._fds: list[int | None] = [None] * len(images)
+        self._cache: OrderedDict[int, tuple[list[int], list[_Segment]]] = OrderedDict()
+
+    @classmethod
+    def open(cls, layers: Sequence[tuple[int, Path]]) -> ChainView:
+        """Open the chain given as (point id, path), top first; the files must agree."""
+        top_path = layers[0][1]
+        image = Qcow2Image.open(top_path, max_chain_depth=len(layers))
+        images: list[Qcow2Image] = []
+        current: Qcow2Image | RawImage | None = image
+        try:
+            while isinstance(current, Qcow2Image):
+                images.append(current)
+                current = current.backing
+            expected = [path for _, path in layers]
+            actual = [img.path for img in images]
+            if (
+                current is not None
+                or len(actual) != len(expected)
+                or not all(os.path.samefile(a, e) for a, e in zip(actual, expected, strict=True))
+            ):
+                raise StoreIntegrityError(
+                    top_path, "the file's backing chain does not match the index"
+                )
+        except BaseException:
+            image.close()
+            raise
+        return cls(layers, images)
+
+    def close(self) -> None:
+        """Close every file of the chain."""
+        for i, fd in enumerate(self._fds):
+            if fd is not None:
+                os.close(fd)
+                self._fds[i] = None
+        if self._images:
+            self._images[0].close()
+            self._images = []
+
+    def __enter__(self) -> ChainView:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def depth(self) -> int:
+        """Number of files in the chain."""
+        return len(self._point_ids)
+
+    @property
+    def paths(self) -> list[Path]:
+        """The chain's files, top first."""
+        return [img.path for img in self._images]
+
+    # --- resolution -----------------------------------------------------------------------------
+
+    def _range(self, index: int) -> tuple[list[int], list[_Segment]]:
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        segments = self._resolve(index)
+        entry = ([s.start for s in segments], segments)
+        self._cache[index] = entry
+        if len(self._cache) > CACHED_RANGES:
+            self._cache.popitem(last=False)
+        return entry
+
+    def _resolve(self, index: int) -> list[_Segment]:
+        """Where every byte of range `index` lives, as sorted, coalesced segments."""
+        start = index * self.range_size
+        end = min(start + self.range_size, self.virtual_size)
+        found: list[_Segment] = []
+        pending = [(start, end)]
+        for layer, image in enumerate(self._images):
+            if not pending:
+                break
+            deeper: list[tuple[int, int]] = []
+            for s, e in pending:
+                limit = min(e, image.virtual_size)
+                if s < limit:
+                    deeper.extend(self._layer_runs(layer, image, s, limit, found))
+                if max(s, limit) < e:
+                    found.append(_Segment(max(s, limit), e, ViewKind.ZERO, -1, 0))
+            pending = deeper
+        found.extend(_Segment(s, e, ViewKind.ZERO, -1, 0) for s, e in pending)
+        found.sort(key=lambda seg: seg.start)
+        return _coalesce(found)
+
+    @staticmethod
+    def _layer_runs(
+        layer: int, image: Qcow2Image, s: int, e: int, found: list[_Segment]
+    ) -> list[tuple[int, int]]:
+        """Add what `image` itself stores in [s, e) to `found`; return its BACKING ranges."""
+        backing: list[tuple[int, int]] = []
+        for run in image.runs(s, e - s):
+            lo, hi = max(run.guest_offset, s), min(run.guest_offset + run.length, e)
+            if lo >= hi:
+                continue
+            if run.kind is RunKind.BACKING:
+                backing.append((lo, hi))
+            elif run.kind is RunKind.ZERO:
+                found.append(_Segment(lo, hi, ViewKind.ZERO, -1, 0))
+            elif run.kind is RunKind.DATA:
+                assert run.host_offset is not None
+                host = run.host_offset + (lo - run.guest_offset)
+                found.append(_Segment(lo, hi, ViewKind.DATA, layer, host))
+            else:
+                found.append(_Segment(lo, hi, ViewKind.COMPRESSED, layer, 0))
+        return backing
+
+    def _segments(self, offset: int, end: int) -> Iterator[_Segment]:
+        """The segments covering [offset, end), unclipped, in order."""
+        pos = offset
+        while pos < end:
+            starts, segments = self._range(pos // self.range_size)
+            i = bisect.bisect_right(starts, pos) - 1
+            while i < len(segments) and pos < end:
+                segment = segments[i]
+                yield segment
+                pos = segment.end
+                i += 1
+
+    # --- public mapping -------------------------------------------------------------------------
+
+    def runs(self, offset: int = 0, length: int | None = None) -> Iterator[ViewRun]:
+        """Where each guest range of [offset, offset + length) lives, coalesced, in order."""
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        pending: ViewRun | None = None
+        for seg in self._segments(offset, end):
+            lo, hi = max(seg.start, offset), min(seg.end, end)
+            run = self._view_run(seg, lo, hi)
+            if pending is not None and _joins(pending, run):
+                pending = ViewRun(
+                    run.kind,
+                    pending.guest_offset,
+                    pending.length + run.length,
+                    run.point_id,
+                    run.path,
+                    pending.host_offset,
+                )
+                continue
+            if pending is not None:
+                yield pending
+            pending = run
+        if pending is not None:
+            yield pending
+
+    def _view_run(self, seg: _Segment, lo: int, hi: int) -> ViewRun:
+        if seg.kind is ViewKind.ZERO:
+            return ViewRun(ViewKind.ZERO, lo, hi - lo, None, None, None)
+        host = seg.host + (lo - seg.start) if seg.kind is ViewKind.DATA else None
+        return ViewRun(
+            seg.kind, lo, hi - lo, self._point_ids[seg.layer], self._images[seg.layer].path, host
+        )
+
+    def source_of(self, offset: int) -> int | None:
+        """The point id whose file stores the guest byte at `offset` (None: it reads as zero)."""
+        starts, segments = self._range(offset // self.range_size)
+        segment = segments[bisect.bisect_right(starts, offset) - 1]
+        return None if segment.layer < 0 else self._point_ids[segment.layer]
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes; like a file, a read past the end returns fewer bytes."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length: {offset}, {length}")
+        end = min(offset + length, self.virtual_size)
+        if offset >= end:
+            return b""
+        out = bytearray(end - offset)
+        self.readinto(offset, memoryview(out))
+        return bytes(out)
+
+    def readinto(self, offset: int, dest: memoryview) -> int:
+        """Fill `dest` (zero-initialised by the caller) from `offset`; returns bytes filled."""
+        end = min(offset + len(dest), self.virtual_size)
+        for seg in self._segments(offset, end):
+            lo, hi = max(seg.start, offset), min(seg.end, end)
+            part = dest[lo - offset : hi - offset]
+            if seg.kind is ViewKind.DATA:
+                self._pread(seg.layer, part, seg.host + (lo - seg.start))
+            elif seg.kind is ViewKind.COMPRESSED:
+                part[:] = self._images[seg.layer].read(lo, hi - lo)
+        return max(0, end - offset)
+
+    def _pread(self, layer: int, dest: memoryview, host: int) -> None:
+        fd = self._fds[layer]
+        if fd is None:
+            fd = self._fds[layer] = os.open(self._images[layer].path, os.O_RDONLY | os.O_CLOEXEC)
+        done = 0
+        while done < len(dest):
+            got = os.preadv(fd, [dest[done:]], host + done)
+            if got == 0:
+                raise Qcow2Error(
+                    self._images[layer].path,
+                    f"data cluster at {host + done:#x} is past end of file",
+                )
+            done += got
+
+
+def _joins(a: ViewRun, b: ViewRun) -> bool:
+    """True when run `b` continues run `a` in the same place."""
+    if a.kind is not b.kind or a.guest_offset + a.length != b.guest_offset:
+        return False
+    if a.kind is ViewKind.ZERO:
+        return True
+    if a.point_id != b.point_id:
+        return False
+    if a.kind is ViewKind.DATA:
+        assert a.host_offset is not None
+        return a.host_offset + a.length == b.host_offset
+    return True
+
+
+def _coalesce(segments: list[_Segment]) -> list[_Segment]:
+    out: list[_Segment] = []
+    for seg in segments:
+        if out:
+            last = out[-1]
+            if (
+                last.kind is seg.kind
+                and last.end == seg.start
+                and last.layer == seg.layer
+                and (
+                    seg.kind is not ViewKind.DATA or last.host + (last.end - last.start) == seg.host
+                )
+            ):
+                last.end = seg.end
+                continue
+        out.append(seg)
+    return out
+
+
+class ChecksumLookup:
+    """Digests of stored clusters by (point, guest cluster), loading one chunk row at a time."""
+
+    def __init__(self, index: Index, disk: str) -> None:
+        self._index = index
+        self._disk = disk
+        self._chunks: OrderedDict[tuple[int, int], tuple[list[int], list[int], bytes] | None] = (
+            OrderedDict()
+        )
+
+    def digest(self, point_id: int, cluster: int) -> bytes | None:
+        """The stored digest of `cluster` in `point_id`'s own file, or None when it has none."""
+        chunk, relative = divmod(cluster, CHECKSUM_CHUNK_CLUSTERS)
+        key = (point_id, chunk)
+        if key not in self._chunks:
+            row = self._index.checksum_chunk(point_id, self._disk, chunk)
+            if row is None:
+                self._chunks[key] = None
+            else:
+                starts, bases, position = [], [], 0
+                for first, count in row.runs:
+                    starts.append(first)
+                    bases.append(position)
+                    position += count
+                self._chunks[key] = (starts, bases, row.digests)
+            if len(self._chunks) > 16:
+                self._chunks.popitem(last=False)
+        entry = self._chunks[key]
+        if entry is None:
+            return None
+        starts, bases, digests = entry
+        i = bisect.bisect_right(starts, relative) - 1
+        if i < 0:
+            return None
+        position = bases[i] + relative - starts[i]
+        next_base = bases[i + 1] if i + 1 < len(bases) else len(digests) // DIGEST_SIZE
+        if position >= next_base:
+            return None
+        return digests[position * DIGEST_SIZE : (position + 1) * DIGEST_SIZE]
