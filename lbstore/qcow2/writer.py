@@ -378,9 +378,13 @@ class Qcow2Writer:
         current host cluster is full, the data spills into the next one if that one is the
         end of the file; otherwise a fresh host cluster is started. A host cluster never
         gets more references than a 16-bit refcount can count.
+
+        Each compressed cluster starts at an even offset: libqcow (20240308) takes bit 0 of a
+        compressed cluster descriptor for the zero flag and misreads odd offsets, even in
+        images written by QEMU. One byte of padding at most keeps our images readable there.
         """
         cluster_size = self._geometry.cluster_size
-        start = self._compressed_next
+        start = self._compressed_next + (self._compressed_next & 1)
         tail_shareable = (
             start % cluster_size == 0
             or self._compressed_refs.get(start // cluster_size) < MAX_REFCOUNT
