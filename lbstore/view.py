@@ -235,6 +235,18 @@ class ChainView:
             seg.kind, lo, hi - lo, self._point_ids[seg.layer], self._images[seg.layer].path, host
         )
 
+    def own_cluster_counts(self) -> dict[int, int]:
+        """Point id -> how many data (or compressed) clusters that file of the chain stores."""
+        counts: dict[int, int] = {}
+        size = self.cluster_size
+        for point_id, image in zip(self._point_ids, self._images, strict=True):
+            counts[point_id] = sum(
+                (run.length + size - 1) // size
+                for run in image.runs()
+                if run.kind in (RunKind.DATA, RunKind.COMPRESSED)
+            )
+        return counts
+
     def source_of(self, offset: int) -> int | None:
         """The point id whose file stores the guest byte at `offset` (None: it reads as zero)."""
         starts, segments = self._range(offset // self.range_size)
