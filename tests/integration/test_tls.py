@@ -147,6 +147,19 @@ def test_client_trusting_the_wrong_ca_is_refused(
         assert not handle.aio_is_ready()  # no connection left to read from
 
 
+def test_folder_whose_server_certificate_is_from_another_ca_is_refused(
+    tls_dirs: TlsDirs, image: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    # One folder for both ends, as lbrestore uses it: QEMU serves a certificate that the CA in
+    # that same folder did not issue. The folder passes the file checks; the handshake does not.
+    check_creds_dir(tls_dirs.mismatched)
+    with (
+        qemu_nbd(image[0], tmp_path, tls_dirs.mismatched) as port,
+        pytest.raises(NbdTlsError, match="certificate verification"),
+    ):
+        connect_tcp(tls_handle(), "127.0.0.1", port, tls_dirs.mismatched)
+
+
 def test_server_name_not_in_the_certificate_is_refused(
     tls_dirs: TlsDirs, image: tuple[Path, bytes], tmp_path: Path
 ) -> None:
