@@ -1,0 +1,284 @@
+"""What a mounted restore point looks like as a filesystem: a pure, read-only model.
+
+No FUSE here: `lbfuse.mount` only translates kernel calls into the methods below and their
+errors (`lbfuse.errors.VfsError`, each naming an errno) into answers. The model is one flat
+folder:
+
+    <disk>.raw            the whole disk, read through its chain view
+    <disk>-part<N>.raw    the byte range of partition N (numbered as Linux does)
+    vm.json               the restore point's metadata
+
+Files are 0o400 and the folder 0o500, owned by the mounting user; every time stamp is the restore
+point's creation time. Nothing ever changes, so every change request fails with EROFS.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from lbfuse.errors import (
+    BadHandleError,
+    EntryNotFoundError,
+    IsAFolderError,
+    NotAFolderError,
+    ReadOnlyError,
+    SourceReadError,
+    VfsError,
+)
+from lbfuse.partitions import read_partitions
+
+FILE_MODE = stat.S_IFREG | 0o400
+FOLDER_MODE = stat.S_IFDIR | 0o500
+BLOCK_SIZE = 4096
+NAME_MAX = 255
+ROOT = "/"
+NEW_NAME_OPERATIONS = frozenset({"create", "link", "mkdir", "mknod", "symlink"})
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+class DiskSource(Protocol):
+    """A disk's bytes: `size` and `read(offset, length)`; a chain view or a raw file."""
+
+    @property
+    def size(self) -> int:
+        """The disk's virtual size in bytes."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset` (the caller stays inside `size`)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """The stat of one entry; times are nanoseconds since the epoch."""
+
+    mode: int
+    size: int
+    uid: int
+    gid: int
+    time_ns: int
+    nlink: int
+    inode: int
+
+    @property
+    def is_folder(self) -> bool:
+        """True for the root folder."""
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def blocks(self) -> int:
+        """Size in 512-byte units, as st_blocks counts."""
+        return (self.size + 511) // 512
+
+
+@dataclass(frozen=True, slots=True)
+class FileNode:
+    """One file: `length` bytes of `source` starting at `start` (a disk, a partition or bytes)."""
+
+    name: str
+    source: DiskSource
+    start: int
+    length: int
+    inode: int
+
+
+class BytesSource:
+    """A small in-memory file (vm.json), readable through the DiskSource protocol."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = bytes(data)
+
+    @property
+    def size(self) -> int:
+        """Length of the data."""
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """A slice of the data."""
+        return self._data[offset : offset + length]
+
+
+class ReadOnlyTree:
+    """A read-only folder of files, with open handles and bounded reads.
+
+    Reads of one source are serialised (sources such as chain views need not be thread-safe);
+    reads of different sources may run at once.
+    """
+
+    def __init__(self, nodes: list[FileNode], *, uid: int, gid: int, time_ns: int) -> None:
+        self._nodes = {node.name: node for node in nodes}
+        self._uid, self._gid, self._time_ns = uid, gid, time_ns
+        self._handles: dict[int, FileNode] = {}
+        self._next_handle = 1
+        self._handles_lock = threading.Lock()
+        self._source_locks: dict[int, threading.Lock] = {
+            id(node.source): threading.Lock() for node in nodes
+        }
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """The file names, sorted."""
+        return sorted(self._nodes)
+
+    def getattr(self, path: str) -> Attributes:
+        """The attributes of the root folder or of one file."""
+        if path == ROOT:
+            return Attributes(FOLDER_MODE, 0, self._uid, self._gid, self._time_ns, 2, 1)
+        node = self._node(path)
+        return Attributes(
+            FILE_MODE, node.length, self._uid, self._gid, self._time_ns, 1, node.inode
+        )
+
+    def listdir(self, path: str) -> list[str]:
+        """The names in a folder (only the root is one)."""
+        if path != ROOT:
+            self._node(path)
+            raise NotAFolderError(path)
+        return self.names()
+
+    def _node(self, path: str) -> FileNode:
+        """The file at `path`; folders and missing names raise the matching VfsError."""
+        if path == ROOT:
+            raise IsAFolderError(path)
+        name = path[1:] if path.startswith("/") else path
+        node = self._nodes.get(name)
+        if node is None:
+            if "/" in name and name.split("/", 1)[0] in self._nodes:
+                raise NotAFolderError(path)
+            raise EntryNotFoundError(path)
+        return node
+
+    # -- access, open, read, release ----------------------------------------------------------
+
+    def access(self, path: str, mode: int) -> None:
+        """Refuse write access; the kernel checks the permission bits itself."""
+        if path != ROOT:
+            self._node(path)
+        if mode & os.W_OK:
+            raise ReadOnlyError(path, "access for writing")
+
+    def open(self, path: str, flags: int) -> int:
+        """A handle for reading a file; any write-ish flag is refused with EROFS."""
+        node = self._node(path)
+        if flags & WRITE_FLAGS:
+            raise ReadOnlyError(path, "open for writing")
+        with self._handles_lock:
+            handle = self._next_handle
+            self._next_handle += 1
+            self._handles[handle] = node
+        return handle
+
+    def release(self, handle: int) -> None:
+        """Forget a handle (unknown handles are ignored: release must not fail)."""
+        with self._handles_lock:
+            self._handles.pop(handle, None)
+
+    def read(self, handle: int, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` of an open file: one source read, short at its end."""
+        node = self._handles.get(handle)
+        if node is None:
+            raise BadHandleError(handle)
+        return self._read_node(node, offset, length)
+
+    def read_path(self, path: str, offset: int, length: int) -> bytes:
+        """Like `read`, by path (for tests and callers without a handle)."""
+        return self._read_node(self._node(path), offset, length)
+
+    def _read_node(self, node: FileNode, offset: int, length: int) -> bytes:
+        """Clamp to the file, then read its bytes from the source in one call."""
+        if offset < 0 or length < 0:
+            raise VfsError(node.name, "negative offset or length")
+        length = min(length, node.length - offset)
+        if length <= 0:
+            return b""
+        try:
+            with self._source_locks[id(node.source)]:
+                data = node.source.read(node.start + offset, length)
+        except VfsError:
+            raise
+        except Exception as exc:
+            raise SourceReadError("/" + node.name, exc) from exc
+        if len(data) != length:
+            raise SourceReadError("/" + node.name, EOFError(f"short read {len(data)}/{length}"))
+        return data
+
+    def statfs(self) -> dict[str, int]:
+        """Filesystem totals: all bytes used, none free, names up to NAME_MAX."""
+        total = sum(node.length for node in self._nodes.values())
+        return {
+            "f_bsize": BLOCK_SIZE,
+            "f_frsize": BLOCK_SIZE,
+            "f_blocks": (total + BLOCK_SIZE - 1) // BLOCK_SIZE,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": len(self._nodes) + 1,
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": NAME_MAX,
+        }
+
+    def refuse(self, path: str, operation: str) -> None:
+        """Every change request ends here: EROFS, but ENOENT first for a name that is not there."""
+        if path not in (ROOT, "") and operation not in (
+            "create",
+            "link",
+            "mkdir",
+            "mknod",
+            "symlink",
+        ):
+            self._node(path)
+        raise ReadOnlyError(path, operation)
+
+
+def build_restore_point_tree(
+    disks: Mapping[str, DiskSource],
+    vm_json: bytes,
+    created: datetime,
+    *,
+    uid: int,
+    gid: int,
+    partitions: bool = True,
+) -> ReadOnlyTree:
+    """The folder of one restore point: each disk, each of its partitions, and vm.json."""
+    nodes: list[FileNode] = []
+    inode = _counter(2)
+    for disk_name in sorted(disks):
+        source = disks[disk_name]
+        nodes.append(FileNode(f"{disk_name}.raw", source, 0, source.size, inode()))
+        if not partitions:
+            continue
+        taken = {f"{name}.raw" for name in disks}
+        for part in read_partitions(source.read, source.size):
+            name = f"{disk_name}-part{part.number}.raw"
+            if name in taken:  # a disk really named like this partition keeps the name
+                continue
+            nodes.append(FileNode(name, source, part.start, part.length, inode()))
+    meta = BytesSource(vm_json)
+    nodes.append(FileNode("vm.json", meta, 0, meta.size, inode()))
+    return ReadOnlyTree(nodes, uid=uid, gid=gid, time_ns=_epoch_ns(created))
+
+
+def _epoch_ns(moment: datetime) -> int:
+    """Nanoseconds since the epoch; a naive datetime is taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+def _counter(first: int) -> Callable[[], int]:
+    """A function returning first, first + 1, ... (inode numbers)."""
+    state = [first - 1]
+
+    def step() -> int:
+        state[0] += 1
+        return state[0]
+
+    return step
