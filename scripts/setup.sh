@@ -9,7 +9,7 @@ DEBIAN_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-guest-agent   # the hypervisor, qemu-img/qemu-io/qemu-nbd, qemu-ga
   python3-libnbd libnbd-bin                      # libnbd's Python bindings, nbdcopy/nbdinfo
   python3-venv fuse3                             # the virtual environment; fusermount3 + libfuse3
-  libvirt-clients                                # virt-xml-validate for generated domain XML
+  libvirt-clients libxml2-utils                  # virt-xml-validate (+ its xmllint) for domain XML
   fdisk e2fsprogs                                # sfdisk and mkfs.ext4 for test images
   gnutls-bin openssl                             # certtool for TLS test certificates
 )
