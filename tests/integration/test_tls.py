@@ -86,6 +86,8 @@ def qemu_nbd(
         )  # fmt: skip
         if done.returncode == 0:
             break
+        if "in use" not in done.stderr:
+            raise RuntimeError(f"qemu-nbd did not start: {done.stderr}")
     else:
         raise RuntimeError(f"qemu-nbd did not start: {done.stderr}")
     pid = int(pid_file.read_text())
@@ -147,17 +149,25 @@ def test_client_trusting_the_wrong_ca_is_refused(
         assert not handle.aio_is_ready()  # no connection left to read from
 
 
-def test_folder_whose_server_certificate_is_from_another_ca_is_refused(
+def test_client_certificate_from_another_ca_is_refused(
     tls_dirs: TlsDirs, image: tuple[Path, bytes], tmp_path: Path
 ) -> None:
-    # One folder for both ends, as lbrestore uses it: QEMU serves a certificate that the CA in
-    # that same folder did not issue. The folder passes the file checks; the handshake does not.
-    check_creds_dir(tls_dirs.mismatched)
+    # One folder for both ends, as lbrestore uses it: the server trusts the folder's CA, which
+    # did not issue the folder's client certificate. The file checks pass; the handshake fails.
+    check_creds_dir(tls_dirs.wrong_client)
     with (
-        qemu_nbd(image[0], tmp_path, tls_dirs.mismatched) as port,
-        pytest.raises(NbdTlsError, match="certificate verification"),
+        qemu_nbd(image[0], tmp_path, tls_dirs.wrong_client) as port,
+        pytest.raises(NbdTlsError, match="TLS"),
     ):
-        connect_tcp(tls_handle(), "127.0.0.1", port, tls_dirs.mismatched)
+        connect_tcp(tls_handle(), "127.0.0.1", port, tls_dirs.wrong_client)
+
+
+def test_qemu_refuses_a_server_certificate_its_ca_did_not_issue(
+    tls_dirs: TlsDirs, image: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError, match="failed validation"):  # noqa: SIM117
+        with qemu_nbd(image[0], tmp_path, tls_dirs.mismatched):
+            pass
 
 
 def test_server_name_not_in_the_certificate_is_refused(
