@@ -23,7 +23,7 @@ import blake3
 
 from lbstore.errors import Qcow2Error, StoreIntegrityError
 from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, DIGEST_SIZE, Index
-from lbstore.qcow2.reader import Qcow2Image, RawImage, RunKind
+from lbstore.qcow2.reader import Qcow2Image, RawImage, Run, RunKind
 
 CACHED_RANGES = 64
 
@@ -148,7 +148,10 @@ class ChainView:
         return entry
 
     def _resolve(self, index: int) -> list[_Segment]:
-        """Where every byte of range `index` lives, as sorted, coalesced segments."""
+        """Where every byte of range `index` lives, as sorted, coalesced segments.
+
+        Each file of the chain is asked once (one `runs()` walk) for what is still unresolved.
+        """
         start = index * self.range_size
         end = min(start + self.range_size, self.virtual_size)
         found: list[_Segment] = []
@@ -156,38 +159,37 @@ class ChainView:
         for layer, image in enumerate(self._images):
             if not pending:
                 break
-            deeper: list[tuple[int, int]] = []
+            inside: list[tuple[int, int]] = []
             for s, e in pending:
                 limit = min(e, image.virtual_size)
                 if s < limit:
-                    deeper.extend(self._layer_runs(layer, image, s, limit, found))
-                if max(s, limit) < e:
+                    inside.append((s, limit))
+                if max(s, limit) < e:  # past this file's end: zeros, as QEMU reads them
                     found.append(_Segment(max(s, limit), e, ViewKind.ZERO, -1, 0))
-            pending = deeper
+            pending = self._layer_runs(layer, image, inside, found) if inside else []
         found.extend(_Segment(s, e, ViewKind.ZERO, -1, 0) for s, e in pending)
         found.sort(key=lambda seg: seg.start)
         return _coalesce(found)
 
     @staticmethod
     def _layer_runs(
-        layer: int, image: Qcow2Image, s: int, e: int, found: list[_Segment]
+        layer: int, image: Qcow2Image, wanted: list[tuple[int, int]], found: list[_Segment]
     ) -> list[tuple[int, int]]:
-        """Add what `image` itself stores in [s, e) to `found`; return its BACKING ranges."""
+        """Add what `image` itself stores within the sorted `wanted` ranges to `found`;
+        return the parts it leaves to its backing file."""
         backing: list[tuple[int, int]] = []
-        for run in image.runs(s, e - s):
-            lo, hi = max(run.guest_offset, s), min(run.guest_offset + run.length, e)
-            if lo >= hi:
-                continue
-            if run.kind is RunKind.BACKING:
-                backing.append((lo, hi))
-            elif run.kind is RunKind.ZERO:
-                found.append(_Segment(lo, hi, ViewKind.ZERO, -1, 0))
-            elif run.kind is RunKind.DATA:
-                assert run.host_offset is not None
-                host = run.host_offset + (lo - run.guest_offset)
-                found.append(_Segment(lo, hi, ViewKind.DATA, layer, host))
-            else:
-                found.append(_Segment(lo, hi, ViewKind.COMPRESSED, layer, 0))
+        first, last = wanted[0][0], wanted[-1][1]
+        i = 0
+        for run in image.runs(first, last - first):
+            run_end = run.guest_offset + run.length
+            while i < len(wanted) and wanted[i][1] <= run.guest_offset:
+                i += 1
+            j = i
+            while j < len(wanted) and wanted[j][0] < run_end:
+                lo, hi = max(run.guest_offset, wanted[j][0]), min(run_end, wanted[j][1])
+                if lo < hi:
+                    _add_piece(run, layer, lo, hi, found, backing)
+                j += 1
         return backing
 
     def _segments(self, offset: int, end: int) -> Iterator[_Segment]:
@@ -291,6 +293,23 @@ class ChainView:
                     f"data cluster at {host + done:#x} is past end of file",
                 )
             done += got
+
+
+def _add_piece(
+    run: Run, layer: int, lo: int, hi: int, found: list[_Segment], backing: list[tuple[int, int]]
+) -> None:
+    """File `[lo, hi)` of `run` under found segments, or under backing ranges."""
+    if run.kind is RunKind.BACKING:
+        backing.append((lo, hi))
+    elif run.kind is RunKind.ZERO:
+        found.append(_Segment(lo, hi, ViewKind.ZERO, -1, 0))
+    elif run.kind is RunKind.DATA:
+        assert run.host_offset is not None
+        found.append(
+            _Segment(lo, hi, ViewKind.DATA, layer, run.host_offset + (lo - run.guest_offset))
+        )
+    else:
+        found.append(_Segment(lo, hi, ViewKind.COMPRESSED, layer, 0))
 
 
 def _joins(a: ViewRun, b: ViewRun) -> bool:
