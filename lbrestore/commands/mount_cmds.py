@@ -1,0 +1,65 @@
+"""`lbrestore mount` and `lbrestore umount`: look inside a restore point through FUSE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lbrestore import mount as mounting
+from lbrestore.commands._common import with_store
+from lbstore.store import Store
+
+
+@click.command("mount")
+@click.argument("address", metavar="VM@SPEC")
+@click.argument("mountpoint", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--foreground",
+    is_flag=True,
+    help="Serve in this process until unmounted (Ctrl-C unmounts) instead of in the background.",
+)
+@click.option("--remove-mountpoint", is_flag=True, hidden=True)
+@with_store()
+def mount_command(
+    store: Store,
+    address: str,
+    mountpoint: Path | None,
+    foreground: bool,
+    remove_mountpoint: bool,
+) -> None:
+    """Mount a restore point read-only at MOUNTPOINT.
+
+    The folder shows <disk>.raw (the whole disk), <disk>-part<N>.raw (each MBR or GPT
+    partition, numbered as Linux does) and vm.json (the point's metadata). Only you can read
+    it. Without MOUNTPOINT a new folder is created under $XDG_RUNTIME_DIR (or /tmp); the
+    mountpoint is printed either way. Unmount with `lbrestore umount MOUNTPOINT`.
+
+    SPEC: latest, #ID, N{s,m,h,d,w}-ago or an ISO-8601 time.
+    """
+    point = store.resolve(address)
+    if mountpoint is None:
+        mountpoint, remove_after = mounting.make_mountpoint(point), True
+    else:
+        mountpoint = mounting.check_mountpoint(mountpoint)
+        remove_after = remove_mountpoint
+    if foreground:
+        click.echo(str(mountpoint))
+        mounting.serve_point(store, point, mountpoint, remove_after=remove_after)
+        return
+    mounting.start_background_mount(store.path, point, mountpoint, remove_after=remove_after)
+    click.echo(str(mountpoint))
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def umount_command(mountpoint: Path) -> None:
+    """Unmount a restore point mounted with `lbrestore mount`.
+
+    Returns once the serving process has exited; a folder that `lbrestore mount` created is
+    removed. A mount still in use (open files, a shell inside it) is reported, not forced.
+    """
+    mounting.unmount(mountpoint)
+
+
+COMMANDS = [mount_command, umount_command]
