@@ -1,0 +1,566 @@
+"""Restore: flatten a restore point's disks into standalone images, or stream them over NBD.
+
+A chain view says, for every guest range, whether it is data (in which file) or zeros. Restore
+reads only the data ranges, in large sequential pieces, checks every cluster against the digest
+the index recorded when the cluster was stored, and writes only clusters that are not all zero:
+
+- qcow2: a new thin image with no backing file (lbstore's Qcow2Writer);
+- raw: a sparse file (holes wherever the disk reads as zeros);
+- NBD: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` with libnbd, several
+  requests in flight; ranges that read as zeros are zeroed on the target (it may hold old data).
+
+Files are written under temporary names in the target folder and renamed only when every disk
+and the VM definition are complete, so a failure leaves nothing partial behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import blake3
+
+from lbrestore.errors import AppError
+from lbrestore.vmdef import HostDefinition, RestoredDisk, write_host_definition
+from lbstore.model import RestorePoint
+from lbstore.names import check_vm_name
+from lbstore.qcow2.writer import Qcow2Writer
+from lbstore.store import Store
+from lbstore.view import ChainView, ChecksumLookup, ViewKind, ViewRun, zero_digest
+
+CHUNK = 8 << 20
+"""Guest bytes read per step: large sequential reads, bounded memory (a multiple of clusters)."""
+NBD_IN_FLIGHT = 8
+NBD_MAX_ZERO = 1 << 30
+FORMATS = ("qcow2", "raw")
+TEMP_SUFFIX = ".lbrestore-partial"
+
+Progress = Callable[[int], None]
+
+
+class RestoreError(AppError):
+    """A restore cannot be done or failed; nothing partial is left behind."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+class RestoreTargetError(RestoreError):
+    """The target (folder or NBD server) cannot take the restore."""
+
+    def __init__(self, target: str, problem: str) -> None:
+        super().__init__(f"restore target {target}: {problem}")
+        self.target = target
+
+
+class RestoreChecksumError(RestoreError):
+    """A cluster read from the store does not match its recorded checksum (the store is damaged;
+    `lbrestore verify` says which restore points are affected)."""
+
+    def __init__(self, vm: str, point_id: int, disk: str, cluster: int, path: Path | None) -> None:
+        super().__init__(
+            f"{vm}@#{point_id} disk {disk}: cluster {cluster} (in {path}) does not match its "
+            "checksum; nothing was restored (run `lbrestore verify`)"
+        )
+        self.vm, self.point_id, self.disk, self.cluster, self.path = (
+            vm,
+            point_id,
+            disk,
+            cluster,
+            path,
+        )
+
+
+@dataclass(slots=True)
+class DiskResult:
+    """One restored disk: where it went and how much was written."""
+
+    name: str
+    target: str
+    format: str
+    virtual_size: int
+    data_bytes: int = 0
+    verified_clusters: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready form."""
+        return {
+            "name": self.name,
+            "target": self.target,
+            "format": self.format,
+            "virtual_size": self.virtual_size,
+            "data_bytes": self.data_bytes,
+            "verified_clusters": self.verified_clusters,
+        }
+
+
+@dataclass(slots=True)
+class RestoreResult:
+    """What a restore produced."""
+
+    point: RestorePoint
+    disks: list[DiskResult] = field(default_factory=list)
+    definition: HostDefinition | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready form for `restore --json`."""
+        return {
+            "point": {"id": self.point.id, "vm": self.point.vm},
+            "disks": [d.as_dict() for d in self.disks],
+            "definition": self.definition.as_dict() if self.definition else None,
+        }
+
+
+# --- sinks: where the flattened disk goes ------------------------------------------------------
+
+
+class _Sink(Protocol):
+    """Receives a disk in guest order: data (non-zero clusters) and ranges that read as zero."""
+
+    def data(self, offset: int, view: memoryview) -> None: ...
+    def zero(self, offset: int, length: int) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class _Qcow2Sink:
+    """A standalone thin qcow2: data clusters only; zeros are simply not allocated."""
+
+    def __init__(self, path: Path, virtual_size: int, cluster_size: int) -> None:
+        self.writer = Qcow2Writer(path, virtual_size, cluster_size=cluster_size)
+
+    def data(self, offset: int, view: memoryview) -> None:
+        self.writer.write(offset, view)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Nothing to do: an unallocated cluster without backing file reads as zeros."""
+
+    def finish(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+class _RawSink:
+    """A sparse raw file: data written with pwritev, zeros left as holes."""
+
+    def __init__(self, path: Path, virtual_size: int) -> None:
+        self.path = path
+        self.fd: int | None = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+        )
+        os.ftruncate(self.fd, virtual_size)
+
+    def data(self, offset: int, view: memoryview) -> None:
+        assert self.fd is not None
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self.fd, [view[done:]], offset + done)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Nothing to do: a new sparse file reads as zeros where nothing was written."""
+
+    def finish(self) -> None:
+        assert self.fd is not None
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.path.unlink(missing_ok=True)
+
+
+# --- flattening --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Consecutive non-zero runs inside one CHUNK-aligned window of the guest."""
+
+    start: int
+    end: int
+    runs: list[ViewRun]
+
+
+def _walk(view: ChainView) -> Iterator[_Batch | tuple[int, int]]:
+    """The disk in guest order: batches of data to read, and (offset, length) zero ranges."""
+    batch: _Batch | None = None
+    for run in view.runs():
+        if run.kind is ViewKind.ZERO:
+            if batch is not None:
+                yield batch
+                batch = None
+            yield (run.guest_offset, run.length)
+            continue
+        for piece in _split(run):
+            window = piece.guest_offset // CHUNK
+            if batch is not None and (
+                batch.end != piece.guest_offset or (batch.start // CHUNK) != window
+            ):
+                yield batch
+                batch = None
+            if batch is None:
+                batch = _Batch(piece.guest_offset, piece.guest_offset, [])
+            batch.runs.append(piece)
+            batch.end = piece.guest_offset + piece.length
+    if batch is not None:
+        yield batch
+
+
+def _split(run: ViewRun) -> Iterator[ViewRun]:
+    """A run cut at CHUNK-aligned guest offsets."""
+    pos, end = run.guest_offset, run.guest_offset + run.length
+    while pos < end:
+        stop = min(end, (pos // CHUNK + 1) * CHUNK)
+        host = None if run.host_offset is None else run.host_offset + (pos - run.guest_offset)
+        yield ViewRun(run.kind, pos, stop - pos, run.point_id, run.path, host)
+        pos = stop
+
+
+class _Flattener:
+    """Reads a view's data, verifies each cluster's digest and feeds non-zero clusters to a sink."""
+
+    def __init__(self, store: Store, point: RestorePoint, disk: str, view: ChainView) -> None:
+        self.point, self.disk, self.view = point, disk, view
+        self.size = view.cluster_size
+        self.lookup = ChecksumLookup(store.index, disk)
+        self.zero_digest = zero_digest(self.size)
+        self.buffer = bytearray(CHUNK)
+        self.result = DiskResult(disk, "", "", view.virtual_size)
+
+    def run(self, sink: _Sink, progress: Progress | None) -> None:
+        """Copy the whole disk into `sink`."""
+        for item in _walk(self.view):
+            if isinstance(item, tuple):
+                sink.zero(*item)
+                if progress is not None:
+                    progress(item[1])
+                continue
+            self._batch(item, sink)
+            if progress is not None:
+                progress(item.end - item.start)
+
+    def _batch(self, batch: _Batch, sink: _Sink) -> None:
+        length = batch.end - batch.start
+        view = memoryview(self.buffer)[:length]
+        # The batch holds only DATA/COMPRESSED runs, so readinto fills all of `view`.
+        self.view.readinto(batch.start, view)
+        nonzero = self._verified_nonzero(batch, view)
+        self._emit(batch.start, view, nonzero, sink)
+
+    def _verified_nonzero(self, batch: _Batch, view: memoryview) -> list[bool]:
+        """Per cluster of the batch: True when it holds data; every cluster checked on the way."""
+        size = self.size
+        first = batch.start // size
+        count = -(-(batch.end - batch.start) // size)
+        owner = self._owners(batch, first, count)
+        nonzero = []
+        for i in range(count):
+            chunk = view[i * size : (i + 1) * size]
+            if len(chunk) < size:
+                chunk = memoryview(bytes(chunk) + bytes(size - len(chunk)))
+            digest = blake3.blake3(chunk).digest()
+            point_id = owner[i]
+            if point_id is not None:
+                expected = self.lookup.digest(point_id, first + i)
+                if expected is not None:
+                    if digest != expected:
+                        raise RestoreChecksumError(
+                            self.point.vm, point_id, self.disk, first + i, self._path_of(batch, i)
+                        )
+                    self.result.verified_clusters += 1
+            nonzero.append(digest != self.zero_digest)
+        return nonzero
+
+    def _owners(self, batch: _Batch, first: int, count: int) -> list[int | None]:
+        """The point whose file stores each whole cluster of the batch (None: mixed or none)."""
+        size = self.size
+        owner: list[int | None] = [None] * count
+        for run in batch.runs:
+            lo = -(-run.guest_offset // size)
+            hi = (run.guest_offset + run.length) // size
+            if run.guest_offset + run.length == self.view.virtual_size:
+                hi = -(-(run.guest_offset + run.length) // size)
+            for cluster in range(lo, hi):
+                owner[cluster - first] = run.point_id
+        return owner
+
+    def _path_of(self, batch: _Batch, index: int) -> Path | None:
+        offset = batch.start + index * self.size
+        for run in batch.runs:
+            if run.guest_offset <= offset < run.guest_offset + run.length:
+                return run.path
+        return None
+
+    def _emit(self, start: int, view: memoryview, nonzero: list[bool], sink: _Sink) -> None:
+        """Coalesce neighbouring clusters of the same kind into one data or zero call each."""
+        size = self.size
+        i = 0
+        while i < len(nonzero):
+            j = i
+            while j < len(nonzero) and nonzero[j] == nonzero[i]:
+                j += 1
+            piece = view[i * size : j * size]
+            if nonzero[i]:
+                sink.data(start + i * size, piece)
+                self.result.data_bytes += len(piece)
+            else:
+                sink.zero(start + i * size, len(piece))
+            i = j
+
+
+def flatten_disk(
+    store: Store, point: RestorePoint, disk: str, sink: _Sink, progress: Progress | None = None
+) -> DiskResult:
+    """Copy `disk` at `point` into `sink`, verifying checksums; abort the sink on any failure."""
+    try:
+        with store.view(point, disk) as view:
+            flattener = _Flattener(store, point, disk, view)
+            flattener.run(sink, progress)
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    return flattener.result
+
+
+# --- restore to a folder -----------------------------------------------------------------------
+
+
+def ordered_disks(point: RestorePoint, only: Sequence[str] | None = None) -> list[str]:
+    """The point's disk names, boot disk first: the definition's order when it has one."""
+    names = [d.name for d in point.disks]
+    captured = [d.get("name") for d in (point.definition or {}).get("disks") or []]
+    ordered = [n for n in captured if n in names] + [n for n in names if n not in captured]
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise RestoreError(
+                f"{point.vm}@#{point.id} has no disk {', '.join(unknown)} "
+                f"(disks: {', '.join(names)})"
+            )
+        ordered = [n for n in ordered if n in only]
+    return ordered
+
+
+def check_target_folder(target: Path, *, force: bool) -> None:
+    """Refuse a target that is not a folder, or a folder with files in it unless `force`."""
+    if target.exists() and not target.is_dir():
+        raise RestoreTargetError(str(target), "exists and is not a folder")
+    if target.is_dir() and not force:
+        entries = sorted(p.name for p in target.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise RestoreTargetError(
+                str(target), f"folder is not empty ({shown}); use --force to restore into it"
+            )
+
+
+def restore_to_folder(
+    store: Store,
+    point: RestorePoint,
+    target: Path,
+    *,
+    fmt: str = "qcow2",
+    name: str | None = None,
+    force: bool = False,
+    disks: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> RestoreResult:
+    """Restore `point`'s disks into `target` as standalone images plus the VM definition."""
+    if fmt not in FORMATS:
+        raise RestoreError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    new_name = check_vm_name(name or point.vm)
+    names = ordered_disks(point, disks)
+    target = target.absolute()
+    check_target_folder(target, force=force)
+    created = not target.exists()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RestoreTargetError(str(target), exc.strerror or str(exc)) from exc
+    result = RestoreResult(point)
+    temps: list[tuple[Path, Path]] = []
+    try:
+        _write_disks(store, point, target, fmt, names, result, temps, progress)
+        restored = [RestoredDisk(d.name, Path(d.target), fmt, d.virtual_size) for d in result.disks]
+        result.definition = write_host_definition(
+            point.definition, restored, target, name=new_name, file_suffix=TEMP_SUFFIX
+        )
+        temps.append(_temp_pair(result.definition.script_path))
+        if result.definition.libvirt_xml_path is not None:
+            temps.append(_temp_pair(result.definition.libvirt_xml_path))
+        for temp, final in temps:
+            os.replace(temp, final)
+        _fsync_dir(target)
+    except BaseException as exc:
+        for temp, _ in temps:
+            temp.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise RestoreTargetError(str(target), exc.strerror or str(exc)) from exc
+        raise
+    return result
+
+
+def _temp_pair(final: Path) -> tuple[Path, Path]:
+    return final.with_name(final.name + TEMP_SUFFIX), final
+
+
+def _write_disks(
+    store: Store,
+    point: RestorePoint,
+    target: Path,
+    fmt: str,
+    names: Sequence[str],
+    result: RestoreResult,
+    temps: list[tuple[Path, Path]],
+    progress: Progress | None,
+) -> None:
+    """Flatten each disk to a temporary file in `target`, remembering (temp, final) pairs."""
+    for disk in names:
+        final = target / f"{disk}.{fmt}"
+        temp, _ = _temp_pair(final)
+        temp.unlink(missing_ok=True)  # a leftover of an earlier failed run, never a real file
+        temps.append((temp, final))
+        record = point.disk(disk)
+        assert record is not None
+        sink: _Sink
+        if fmt == "qcow2":
+            sink = _Qcow2Sink(temp, record.virtual_size, record.cluster_size)
+        else:
+            sink = _RawSink(temp, record.virtual_size)
+        disk_result = flatten_disk(store, point, disk, sink, progress)
+        disk_result.target, disk_result.format = str(final), fmt
+        result.disks.append(disk_result)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- restore to an NBD server ------------------------------------------------------------------
+
+
+def is_nbd_uri(target: str) -> bool:
+    """True when `target` names an NBD server rather than a folder."""
+    return target.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
+
+
+class _NbdSink:
+    """Writes to an NBD export with libnbd, keeping several requests in flight."""
+
+    def __init__(self, uri: str, virtual_size: int) -> None:
+        import nbd
+
+        self.nbd = nbd
+        self.uri = uri
+        self.handle = nbd.NBD()
+        self.cookies: list[int] = []
+        try:
+            self.handle.connect_uri(uri)
+            size = self.handle.get_size()
+            self.can_zero = bool(self.handle.can_zero())
+            if self.handle.is_read_only():
+                raise RestoreTargetError(uri, "the NBD export is read-only")
+        except nbd.Error as exc:
+            self._close()
+            raise RestoreTargetError(uri, f"cannot connect: {exc.string}") from exc
+        except BaseException:
+            self._close()
+            raise
+        if size < virtual_size:
+            self._close()
+            raise RestoreTargetError(
+                uri, f"the export has {size} bytes, the disk needs {virtual_size}"
+            )
+
+    def _submit(self, start: Callable[[], int]) -> None:
+        """Start a request once fewer than NBD_IN_FLIGHT are outstanding."""
+        self._wait_below(NBD_IN_FLIGHT)
+        self.cookies.append(start())
+
+    def _wait_below(self, limit: int) -> None:
+        """Retire finished requests (raising the first error) until fewer than `limit` remain."""
+        while True:
+            self.cookies = [c for c in self.cookies if not self.handle.aio_command_completed(c)]
+            if len(self.cookies) < limit:
+                return
+            self.handle.poll(-1)
+
+    def data(self, offset: int, view: memoryview) -> None:
+        buffer = self.nbd.Buffer.from_bytearray(view)
+        with self._nbd_errors():
+            self._submit(lambda: self.handle.aio_pwrite(buffer, offset))
+
+    def zero(self, offset: int, length: int) -> None:
+        end = offset + length
+        for at in range(offset, end, NBD_MAX_ZERO):
+            count = min(end - at, NBD_MAX_ZERO)
+            if self.can_zero:
+                with self._nbd_errors():
+                    self._submit(functools.partial(self.handle.aio_zero, count, at))
+                continue
+            for piece in range(at, at + count, CHUNK):
+                self.data(piece, memoryview(bytes(min(CHUNK, at + count - piece))))
+
+    def finish(self) -> None:
+        with self._nbd_errors():
+            self._wait_below(1)
+            if self.handle.can_flush():
+                self.handle.flush()
+            self.handle.shutdown()
+        self._close()
+
+    def abort(self) -> None:
+        self._close()
+
+    @contextlib.contextmanager
+    def _nbd_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except self.nbd.Error as exc:
+            raise RestoreTargetError(self.uri, f"NBD request failed: {exc.string}") from exc
+
+    def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.handle.close()
+
+
+def restore_to_nbd(
+    store: Store,
+    point: RestorePoint,
+    uri: str,
+    *,
+    disks: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> RestoreResult:
+    """Stream one disk of `point` to the NBD export at `uri` (which must be large enough)."""
+    names = ordered_disks(point, disks)
+    if len(names) != 1:
+        raise RestoreError(
+            f"{point.vm}@#{point.id} has {len(names)} disks ({', '.join(names)}); "
+            "an NBD target takes one: choose it with --disk"
+        )
+    record = point.disk(names[0])
+    assert record is not None
+    sink = _NbdSink(uri, record.virtual_size)
+    disk_result = flatten_disk(store, point, names[0], sink, progress)
+    disk_result.target, disk_result.format = uri, "nbd"
+    return RestoreResult(point, [disk_result])

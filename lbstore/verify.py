@@ -1,0 +1,417 @@
+"""Checksum verification of committed files (read-only): which restore points are damaged?
+
+Every committed file is checked on its own, not through its chain, so that damage is pinned to
+the file that holds it: the header and L1/L2 tables must open and map cleanly, the clusters the
+file stores must be exactly those the index has checksums for, and each stored cluster, re-read
+from the file, must have the BLAKE3 digest recorded at ingest. A truncated file, an unreadable
+L2 table or a changed byte are all damage of that file.
+
+A damaged file damages every restore point whose chain includes it (for that disk), so the
+report maps each damaged file to all of them, not only to the point that wrote it.
+
+Reads are large and sequential in host-offset order (clusters are sorted by where they live in
+the file, and neighbours are read with one preadv), so verification runs at close to the speed
+of reading the files. `sample_percent` checks a random share of the clusters for routine runs;
+the structural checks always cover the whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from lbstore.errors import Qcow2Error, StoreError
+from lbstore.index import CHECKSUM_CHUNK_CLUSTERS
+from lbstore.model import DiskRecord, RestorePoint, utc_iso
+from lbstore.qcow2.reader import Qcow2Image, RunKind
+from lbstore.store import Store
+
+READ_SIZE = 16 << 20
+"""Bytes read per preadv: large enough for sequential throughput, small enough for memory."""
+MAX_GAP = 256 << 10
+"""Clusters closer than this in the file are read together (the gap is read and ignored)."""
+MAX_PROBLEMS_PER_FILE = 20
+"""Problems listed per damaged file; the count of damaged clusters is always exact."""
+
+Progress = Callable[[int], None]
+
+
+@dataclass(slots=True)
+class FileDamage:
+    """A committed file that failed verification, and what was wrong with it."""
+
+    point_id: int
+    vm: str
+    disk: str
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    damaged_clusters: int = 0
+
+    def add(self, problem: str, clusters: int = 0) -> None:
+        """Record a problem (the first few are kept verbatim) and the clusters it spoils."""
+        self.damaged_clusters += clusters
+        if len(self.problems) < MAX_PROBLEMS_PER_FILE:
+            self.problems.append(problem)
+        elif len(self.problems) == MAX_PROBLEMS_PER_FILE:
+            self.problems.append("... (more problems not listed)")
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready form."""
+        return {
+            "point_id": self.point_id,
+            "vm": self.vm,
+            "disk": self.disk,
+            "path": str(self.path),
+            "damaged_clusters": self.damaged_clusters,
+            "problems": self.problems,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DamagedPoint:
+    """A restore point whose view reads at least one damaged file."""
+
+    point: RestorePoint
+    files: tuple[FileDamage, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready form."""
+        return {
+            "id": self.point.id,
+            "vm": self.point.vm,
+            "created": utc_iso(self.point.created),
+            "address": f"{self.point.vm}@#{self.point.id}",
+            "damaged_files": [str(f.path) for f in self.files],
+        }
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What a verification run checked and found."""
+
+    sample_percent: float | None = None
+    files_checked: int = 0
+    clusters_checked: int = 0
+    bytes_checked: int = 0
+    points_checked: list[int] = field(default_factory=list)
+    damaged_files: list[FileDamage] = field(default_factory=list)
+    damaged_points: list[DamagedPoint] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no damage was found."""
+        return not self.damaged_files
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready form for `verify --json`."""
+        return {
+            "ok": self.ok,
+            "sample_percent": self.sample_percent,
+            "files_checked": self.files_checked,
+            "clusters_checked": self.clusters_checked,
+            "bytes_checked": self.bytes_checked,
+            "points_checked": self.points_checked,
+            "damaged_files": [f.as_dict() for f in self.damaged_files],
+            "damaged_points": [p.as_dict() for p in self.damaged_points],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _FileJob:
+    """One committed file to verify: the point that wrote it, its disk record, its path, the
+    path its backing file must be, and where its recorded digests come from."""
+
+    point: RestorePoint
+    record: DiskRecord
+    path: Path
+    expected_backing: Path | None
+    digests: Callable[[], Iterable[tuple[int, bytes]]]
+
+
+def verify_store(
+    store: Store,
+    *,
+    vm: str | None = None,
+    point: RestorePoint | None = None,
+    sample_percent: float | None = None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Verify the files of one restore point's chains, of one VM, or of the whole store.
+
+    Returns a report; damage is data, not an exception. Raises StoreError only for bad
+    arguments (an unknown VM, a sample share out of range).
+    """
+    if sample_percent is not None and not 0 < sample_percent <= 100:
+        raise StoreError(f"sample must be a percentage in (0, 100], not {sample_percent:g}")
+    if point is not None:
+        vm = point.vm
+    points = store.restore_points(vm)
+    if vm is not None and not points:
+        raise StoreError(f"VM {vm!r} has no restore points in this store")
+    report = VerifyReport(sample_percent=sample_percent)
+    report.points_checked = [point.id] if point is not None else [p.id for p in points]
+    checker = _Checker(report, sample_percent, random.Random(seed), progress)
+    for job in _file_jobs(store, points, point):
+        damage = checker.verify(job)
+        if damage is not None:
+            report.damaged_files.append(damage)
+    report.damaged_points = damaged_points(store, report.damaged_files)
+    return report
+
+
+def _file_jobs(
+    store: Store, points: Sequence[RestorePoint], only: RestorePoint | None
+) -> Iterator[_FileJob]:
+    """The files to check: every file of every point, or the files of `only`'s chains."""
+    by_id = {p.id: p for p in points}
+    if only is None:
+        wanted = [(p, d.name) for p in points for d in p.disks]
+    else:
+        wanted = [(p, d.name) for d in only.disks for p in store.chain(only, d.name)]
+    seen: set[tuple[int, str]] = set()
+    for writer, disk in wanted:
+        if (writer.id, disk) in seen:
+            continue
+        seen.add((writer.id, disk))
+        record = writer.disk(disk)
+        assert record is not None
+        backing = by_id.get(record.backing_point_id) if record.backing_point_id else None
+        yield _FileJob(
+            point=writer,
+            record=record,
+            path=store.file_path(writer, disk),
+            expected_backing=store.file_path(backing, disk) if backing is not None else None,
+            digests=lambda w=writer, d=disk: store.stored_clusters(w, d),  # type: ignore[misc]
+        )
+
+
+def damaged_points(store: Store, damaged: Sequence[FileDamage]) -> list[DamagedPoint]:
+    """Every restore point whose chain, for some disk, includes a damaged file."""
+    bad = {(d.point_id, d.disk): d for d in damaged}
+    result = []
+    for vm in sorted({d.vm for d in damaged}):
+        for candidate in store.restore_points(vm):
+            files = [
+                bad[(link.id, disk.name)]
+                for disk in candidate.disks
+                for link in store.chain(candidate, disk.name)
+                if (link.id, disk.name) in bad
+            ]
+            if files:
+                result.append(DamagedPoint(candidate, tuple(files)))
+    return result
+
+
+# --- one file ---------------------------------------------------------------------------------
+
+# (guest cluster index, host offset or -1 for a compressed cluster, expected digest)
+_Entry = tuple[int, int, bytes]
+
+
+class _Checker:
+    """Verifies files one by one with one read buffer, adding what it read to the report."""
+
+    def __init__(
+        self,
+        report: VerifyReport,
+        sample_percent: float | None,
+        rng: random.Random,
+        progress: Progress | None,
+    ) -> None:
+        self.report = report
+        self.share = None if sample_percent is None else sample_percent / 100
+        self.rng = rng
+        self.progress = progress
+        self.buffer = bytearray(READ_SIZE)
+
+    def verify(self, job: _FileJob) -> FileDamage | None:
+        """Check one committed file; return its damage, or None when it is intact."""
+        damage = FileDamage(job.point.id, job.point.vm, job.record.name, job.path)
+        self.report.files_checked += 1
+        try:
+            image = Qcow2Image.open(job.path, backing=False)
+        except (Qcow2Error, OSError) as exc:
+            damage.add(f"cannot open: {_reason(exc)}", _expected_count(job))
+            return damage
+        fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)
+        with image, _closing_fd(fd):
+            _check_header(job, image, damage)
+            file_size = os.fstat(fd).st_size
+            try:
+                for batch in _batches(_joined(job, image, damage), CHECKSUM_CHUNK_CLUSTERS):
+                    self._check_batch(image, fd, self._sampled(batch), file_size, damage)
+            except (Qcow2Error, OSError) as exc:
+                damage.add(f"mapping unreadable: {_reason(exc)}", 1)
+        return damage if damage.problems else None
+
+    def _sampled(self, batch: list[_Entry]) -> list[_Entry]:
+        if self.share is None:
+            return batch
+        return [entry for entry in batch if self.rng.random() < self.share]
+
+    def _check_batch(
+        self, image: Qcow2Image, fd: int, batch: list[_Entry], file_size: int, damage: FileDamage
+    ) -> None:
+        """Re-read a batch of clusters in host order and compare their digests."""
+        size = image.cluster_size
+        data = sorted((e for e in batch if e[1] >= 0), key=lambda e: e[1])
+        for span in _spans(data, size):
+            self._check_span(fd, span, size, file_size, damage)
+        for cluster, _, digest in (e for e in batch if e[1] < 0):
+            content = image.read(cluster * size, size)
+            content += bytes(size - len(content))
+            self._compare(cluster, content, digest, damage)
+
+    def _check_span(
+        self, fd: int, span: list[_Entry], size: int, file_size: int, damage: FileDamage
+    ) -> None:
+        """One large read covering `span` (sorted by host offset), then one digest per cluster."""
+        start = span[0][1]
+        length = span[-1][1] + size - start
+        view = memoryview(self.buffer)[:length]
+        got = _pread_full(fd, view, start)
+        for cluster, host, digest in span:
+            at = host - start
+            if at + size > got:
+                damage.add(
+                    f"cluster {cluster} at host offset {host:#x} is past the end of the file "
+                    f"({file_size} bytes): truncated",
+                    1,
+                )
+                continue
+            self._compare(cluster, view[at : at + size], digest, damage)
+        if self.progress is not None:
+            self.progress(len(span) * size)
+
+    def _compare(
+        self, cluster: int, content: bytes | memoryview, expected: bytes, damage: FileDamage
+    ) -> None:
+        self.report.clusters_checked += 1
+        self.report.bytes_checked += len(content)
+        if blake3.blake3(content).digest() != expected:
+            damage.add(f"cluster {cluster}: checksum mismatch", 1)
+
+
+def _pread_full(fd: int, dest: memoryview, offset: int) -> int:
+    """Read into `dest` from `offset` until it is full or the file ends; returns bytes read."""
+    done = 0
+    while done < len(dest):
+        got = os.preadv(fd, [dest[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+@contextlib.contextmanager
+def _closing_fd(fd: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _spans(entries: list[_Entry], size: int) -> Iterator[list[_Entry]]:
+    """Group clusters sorted by host offset into reads of at most READ_SIZE with small gaps."""
+    span: list[_Entry] = []
+    for entry in entries:
+        if span:
+            start, end = span[0][1], span[-1][1] + size
+            if entry[1] - end > MAX_GAP or entry[1] + size - start > READ_SIZE:
+                yield span
+                span = []
+        span.append(entry)
+    if span:
+        yield span
+
+
+def _batches(entries: Iterable[_Entry], count: int) -> Iterator[list[_Entry]]:
+    """Consecutive batches of at most `count` entries (memory stays bounded per file)."""
+    batch: list[_Entry] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) >= count:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _joined(job: _FileJob, image: Qcow2Image, damage: FileDamage) -> Iterator[_Entry]:
+    """The file's stored clusters merged with the index's digests, both in guest order.
+
+    A cluster the file stores without a digest, or a digest for a cluster the file does not
+    store, is damage (typically a changed L2 entry).
+    """
+    indexed = iter(job.digests())
+    pending = next(indexed, None)
+    for cluster, host in _stored_clusters(image):
+        while pending is not None and pending[0] < cluster:
+            _missing(damage, pending[0])
+            pending = next(indexed, None)
+        if pending is not None and pending[0] == cluster:
+            yield cluster, host, pending[1]
+            pending = next(indexed, None)
+        else:
+            damage.add(f"cluster {cluster} is stored in the file but has no checksum", 1)
+    while pending is not None:
+        _missing(damage, pending[0])
+        pending = next(indexed, None)
+
+
+def _missing(damage: FileDamage, cluster: int) -> None:
+    damage.add(f"cluster {cluster} has a checksum but the file does not store it", 1)
+
+
+def _stored_clusters(image: Qcow2Image) -> Iterator[tuple[int, int]]:
+    """(guest cluster, host offset or -1 if compressed) of the clusters the file stores."""
+    size = image.cluster_size
+    for run in image.runs():
+        if run.kind is RunKind.DATA:
+            assert run.host_offset is not None
+            first = run.guest_offset // size
+            base = run.host_offset - (run.guest_offset - first * size)
+            for index in range(-(-run.length // size)):
+                yield first + index, base + index * size
+        elif run.kind is RunKind.COMPRESSED:
+            first = run.guest_offset // size
+            for index in range(-(-run.length // size)):
+                yield first + index, -1
+
+
+def _reason(exc: BaseException) -> str:
+    """An error's problem without the file name (the report names the file already)."""
+    if isinstance(exc, Qcow2Error):
+        return exc.problem
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+def _expected_count(job: _FileJob) -> int:
+    """Clusters the file should store (what becomes unreadable when the file cannot open)."""
+    return -(-job.record.stored_bytes // job.record.cluster_size)
+
+
+def _check_header(job: _FileJob, image: Qcow2Image, damage: FileDamage) -> None:
+    """Geometry and backing file as the index recorded them."""
+    record = job.record
+    if image.virtual_size != record.virtual_size:
+        damage.add(f"virtual size {image.virtual_size}, index says {record.virtual_size}")
+    if image.cluster_size != record.cluster_size:
+        damage.add(f"cluster size {image.cluster_size}, index says {record.cluster_size}")
+    actual = image.backing_file
+    if job.expected_backing is None:
+        if actual is not None:
+            damage.add(f"has backing file {actual!r}, index says none")
+        return
+    resolved = (job.path.parent / actual).resolve() if actual else None
+    if resolved != job.expected_backing.resolve():
+        damage.add(f"backing file {actual!r} is not {job.expected_backing.name} of the index")
