@@ -63,8 +63,19 @@ class DiskPlan:
         return self.old_bitmap if self.mode == "incremental" else None
 
 
-def _distrust(disk: DiskInfo, ours: list[BitmapInfo], last_size: int | None) -> str | None:
-    """Why this store's bitmaps cannot be trusted for `disk`, or None when they can."""
+def _token(bitmap: BitmapInfo) -> int | None:
+    tail = bitmap.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _distrust(
+    disk: DiskInfo, ours: list[BitmapInfo], last_size: int | None, last_point: int | None
+) -> str | None:
+    """Why this store's bitmaps cannot be trusted for `disk`, or None when they can.
+
+    Bitmaps are named after the restore point whose backup created them, and each new one is
+    created in the instant the previous one is frozen: together they cover every write since
+    the oldest of them. That is enough when the oldest is not newer than the newest point."""
     if any(b.inconsistent for b in ours):
         return "bitmap inconsistent (QEMU did not shut down cleanly)"
     if not ours:
@@ -76,6 +87,11 @@ def _distrust(disk: DiskInfo, ours: list[BitmapInfo], last_size: int | None) -> 
         return f"disk resized ({last_size} -> {disk.virtual_size} bytes)"
     if not any(b.recording for b in ours):
         return "bitmap disabled (changes may have been missed)"
+    tokens = [_token(b) for b in ours]
+    if None in tokens:
+        return "bitmap name not made by lbrestore"
+    if last_point is not None and min(t for t in tokens if t is not None) > last_point:
+        return "bitmap newer than the newest restore point"
     return None
 
 
@@ -85,17 +101,19 @@ def plan_disk(
     store_id: str,
     token: str,
     last_size: int | None,
+    last_point: int | None = None,
     force_full: bool = False,
 ) -> DiskPlan:
-    """Decide the mode for one disk. `last_size` is its size in the newest restore point that
-    holds it (None when no restore point does: a new disk gets a full)."""
+    """Decide the mode for one disk. `last_size` and `last_point` are its size in, and the id
+    of, the newest restore point that holds it (None when none does: a new disk gets a full).
+    `token` is the id of the restore point being made: it names the new bitmap."""
     prefix = store_prefix(store_id)
     new = bitmap_name(store_id, token)
     ours = sorted((b for b in disk.bitmaps if b.name.startswith(prefix)), key=lambda b: b.name)
     if last_size is None:
         names = tuple(b.name for b in ours)
         return DiskPlan(disk, "full", new, reason="disk new to the store", drop=names)
-    distrust = _distrust(disk, ours, last_size)
+    distrust = _distrust(disk, ours, last_size, last_point)
     if distrust is not None:
         return DiskPlan(disk, "resync", new, reason=distrust, drop=tuple(b.name for b in ours))
     keep = next((b for b in ours if b.recording), ours[0])

@@ -1,0 +1,378 @@
+"""The backup job: a running VM's disks (lbqemu) into one restore point of the store (lbstore).
+
+One backup, in order:
+1. connect to QMP, remove what a killed receiver left in QEMU, discover disks and the VM
+   definition, begin a restore point (its id names the new checkpoint bitmaps);
+2. plan each disk (incremental, or resync / full when the bitmap cannot be trusted) and tidy
+   this store's bitmaps;
+3. one QMP transaction (inside a guest filesystem freeze when `--qga` is given): new bitmaps,
+   frozen old ones, fleecing views; export the views over NBD;
+4. pull each disk (dirty clusters, or everything) into the store, commit;
+5. tear the views down, delete the old bitmaps.
+Any failure before the commit (NBD, QMP, store, Ctrl-C) aborts the point, tears the views down
+and merges every new bitmap back into its old one: nothing is committed, no write is forgotten.
+
+NBD reads run in a worker thread; every store call stays on the event loop's thread (the
+store's SQLite connection belongs to it), so reading and storing overlap through a small queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lbqemu import bitmaps
+from lbqemu.bitmaps import DiskPlan
+from lbqemu.discovery import DiskInfo, choose_disks, list_disks, vm_definition
+from lbqemu.fleece import PointInTimeView, remove_leftovers
+from lbqemu.nbd import DEFAULT_CHUNK, DEFAULT_DEPTH, ZERO, NbdSource, Run, pull
+from lbqemu.qmp import QmpSession
+from lbstore.model import RestorePoint
+from lbstore.store import Store
+
+QUEUE_CHUNKS = 4
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    """What `lbrestore backup` was asked to do."""
+
+    vm: str
+    qmp: str
+    disks: tuple[str, ...] = ()
+    full: bool = False
+    qga: str | None = None
+    qga_timeout: float = 10.0
+    nbd: str | None = None
+    tls_creds: str | None = None
+    insecure_tcp: bool = False
+    scratch_dir: Path | None = None
+    chunk: int = DEFAULT_CHUNK
+    depth: int = DEFAULT_DEPTH
+
+
+@dataclass
+class BackupHooks:
+    """Callbacks into the job (all optional, all called on the event loop's thread).
+
+    `plan(disk, runs)`: once per disk before its pull, with what will be read.
+    `progress(disk, offset, length)`: after each run is handed to the store (progress bars;
+    tests use it to write into the VM or to slow the pull down at a known instant)."""
+
+    plan: Callable[[str, list[Run]], None] | None = None
+    progress: Callable[[str, int, int], None] | None = None
+
+
+@dataclass
+class DiskSummary:
+    """One disk of a finished backup."""
+
+    name: str
+    mode: str
+    reason: str | None
+    virtual_size: int
+    bytes_read: int = 0
+    bytes_zero: int = 0
+    bytes_stored: int = 0
+
+
+@dataclass
+class BackupSummary:
+    """What a backup did; `to_json()` is the `--json` output."""
+
+    vm: str
+    point_id: int | None = None
+    kind: str | None = None
+    disks: list[DiskSummary] = field(default_factory=list)
+    duration: float = 0.0
+    leftovers_removed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(d.bytes_read for d in self.disks)
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(d.bytes_stored for d in self.disks)
+
+    @property
+    def throughput(self) -> float:
+        """Bytes read per second of the whole job."""
+        return self.bytes_read / self.duration if self.duration > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            bytes_read=self.bytes_read,
+            bytes_stored=self.bytes_stored,
+            throughput=round(self.throughput),
+            duration=round(self.duration, 3),
+        )
+        return data
+
+
+def _newest_by_disk(points: list[RestorePoint]) -> dict[str, tuple[int, int]]:
+    """disk name -> (id, virtual size) in the newest committed point that holds it."""
+    result: dict[str, tuple[int, int]] = {}
+    for point in sorted(points, key=lambda p: (p.created, p.id)):
+        for disk in point.disks:
+            result[disk.name] = (point.id, disk.virtual_size)
+    return result
+
+
+def plan_disks(
+    store: Store, vm: str, disks: list[DiskInfo], token: str, force_full: bool
+) -> list[DiskPlan]:
+    """Each disk's mode from QEMU's bitmaps and the store's newest points."""
+    store_id = store.identity()["id"]
+    newest = _newest_by_disk(store.restore_points(vm))
+    plans = []
+    for disk in disks:
+        last_point, last_size = newest.get(disk.name, (None, None))
+        plans.append(
+            bitmaps.plan_disk(
+                disk,
+                store_id=store_id,
+                token=token,
+                last_size=last_size,
+                last_point=last_point,
+                force_full=force_full,
+            )
+        )
+    return plans
+
+
+def _freeze(options: BackupOptions) -> Callable[[], AbstractAsyncContextManager[Any]] | None:
+    """The guest filesystem freeze around the transaction, when `--qga` is given."""
+    if not options.qga:
+        return None
+    from lbqemu import guest
+
+    address, timeout = options.qga, options.qga_timeout
+    return lambda: guest.frozen(address, timeout)
+
+
+def _tls_object(options: BackupOptions, token: str) -> dict[str, Any] | None:
+    if not options.tls_creds:
+        return None
+    from lbqemu import tls
+
+    tls.check_creds_dir(options.tls_creds)
+    return dict(tls.tls_creds_object(options.tls_creds, endpoint="server", id=f"lbr-tls-{token}"))
+
+
+def _source(view: PointInTimeView, export: str) -> NbdSource:
+    endpoint = view.endpoint
+    if endpoint.path is not None:
+        return NbdSource.unix(endpoint.path, export)
+    assert endpoint.host is not None and endpoint.port is not None
+    return NbdSource.tcp(endpoint.host, endpoint.port, export, endpoint.tls_creds_dir)
+
+
+async def run_backup(
+    store: Store, options: BackupOptions, hooks: BackupHooks | None = None
+) -> BackupSummary:
+    """Back up the VM behind `options.qmp` into `store` (opened for writing)."""
+    hooks = hooks or BackupHooks()
+    summary = BackupSummary(vm=options.vm)
+    started = time.monotonic()
+    async with QmpSession(options.qmp) as session:
+        summary.leftovers_removed = await remove_leftovers(session)
+        all_disks = await list_disks(session)
+        chosen = choose_disks(all_disks, options.disks)
+        definition = await vm_definition(session, all_disks)
+        with store.begin(options.vm, definition=definition) as ingest:
+            token = str(ingest.point_id)
+            plans = plan_disks(store, options.vm, chosen, token, options.full)
+            await bitmaps.prepare(session, plans)
+            job = _Job(session, store, options, hooks, plans, summary)
+            point = await job.run(ingest, token)
+    summary.point_id, summary.kind = point.id, point.kind
+    summary.duration = time.monotonic() - started
+    _record_events(store, summary, plans)
+    return summary
+
+
+def _record_events(store: Store, summary: BackupSummary, plans: list[DiskPlan]) -> None:
+    """Resyncs, leftovers and cleanup problems go into the store's event log."""
+    for plan in plans:
+        if plan.mode != "incremental":
+            store.record_event(
+                summary.vm,
+                plan.mode,
+                f"disk {plan.disk.name}: {plan.mode} ({plan.reason})",
+                point_id=summary.point_id,
+                disk=plan.disk.name,
+                reason=plan.reason,
+            )
+    if summary.leftovers_removed:
+        store.record_event(
+            summary.vm,
+            "leftovers",
+            "removed what an interrupted backup left in QEMU",
+            removed=summary.leftovers_removed,
+        )
+    for problem in summary.problems:
+        store.record_event(summary.vm, "backup-problem", problem, point_id=summary.point_id)
+
+
+class _Job:
+    """One backup's view, pull and commit, with the bitmap invariant on every path."""
+
+    def __init__(
+        self,
+        session: QmpSession,
+        store: Store,
+        options: BackupOptions,
+        hooks: BackupHooks,
+        plans: list[DiskPlan],
+        summary: BackupSummary,
+    ) -> None:
+        self.session = session
+        self.store = store
+        self.options = options
+        self.hooks = hooks
+        self.plans = plans
+        self.summary = summary
+
+    async def run(self, ingest: Any, token: str) -> RestorePoint:
+        view = PointInTimeView(
+            self.session,
+            [(p.disk, p.export_bitmap) for p in self.plans],
+            endpoint_address=self.options.nbd,
+            token=token,
+            extra_actions=bitmaps.transaction_actions(self.plans),
+            tls_object=_tls_object(self.options, token),
+            tls_creds_dir=self.options.tls_creds,
+            insecure_tcp=self.options.insecure_tcp,
+            scratch_parent=self.options.scratch_dir,
+            around_transaction=_freeze(self.options),
+        )
+        committed = False
+        try:
+            async with view:
+                for plan in self.plans:
+                    await self._pull_disk(view, plan, ingest)
+                view.check_jobs()
+                point: RestorePoint = ingest.commit()
+                committed = True
+        finally:
+            self.summary.problems.extend(view.teardown_problems)
+            if committed:
+                outcome = await bitmaps.finalize(self.session, self.plans)
+            elif view.transaction_done:
+                outcome = await _shielded(bitmaps.rollback(self.session, self.plans))
+            else:
+                outcome = bitmaps.BitmapOutcome()
+            self.summary.problems.extend(outcome.problems)
+        return point
+
+    async def _pull_disk(self, view: PointInTimeView, plan: DiskPlan, ingest: Any) -> None:
+        disk = plan.disk
+        dingest = ingest.add_disk(disk.name, disk.virtual_size, mode=plan.mode)
+        result = DiskSummary(disk.name, plan.mode, plan.reason, disk.virtual_size)
+        self.summary.disks.append(result)
+
+        def store_run(offset: int, length: int, data: Any) -> None:
+            if data is ZERO:
+                dingest.zero(offset, length)
+                result.bytes_zero += length
+            else:
+                dingest.write(offset, data)
+                result.bytes_read += length
+            result.bytes_stored = dingest.stored_bytes
+            if self.hooks.progress is not None:
+                self.hooks.progress(disk.name, offset, length)
+
+        source = _source(view, disk.name)
+        pulled = _threaded_pull(source, plan, dingest.cluster_size, self.options)
+        async with contextlib.aclosing(pulled) as items:
+            async for item in items:
+                if isinstance(item, list):
+                    if self.hooks.plan is not None:
+                        self.hooks.plan(disk.name, item)
+                else:
+                    store_run(*item)
+        result.bytes_stored = dingest.stored_bytes
+
+
+async def _shielded(coro: Any) -> Any:
+    """Finish cleanup even when the job is being cancelled (Ctrl-C)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        return await task
+
+
+_DONE = object()
+
+
+async def _threaded_pull(
+    source: NbdSource, plan: DiskPlan, align: int, options: BackupOptions
+) -> AsyncGenerator[Any, None]:
+    """Run lbqemu.nbd.pull in a thread; yield its plan, then its runs, on the loop's thread.
+
+    The queue is bounded: a slow store slows the reader. On any exit (error, cancellation)
+    the reader is stopped and joined before this generator finishes."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue(QUEUE_CHUNKS)
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        if stop.is_set() and item is not _DONE and not isinstance(item, BaseException):
+            return
+        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+
+    def reader() -> None:
+        try:
+            pull(
+                source,
+                lambda offset, length, data: put((offset, length, data)),
+                align=align,
+                dirty_bitmap=plan.export_bitmap,
+                chunk=options.chunk,
+                depth=options.depth,
+                stop=stop,
+                on_plan=put,
+            )
+            put(_DONE)
+        except BaseException as exc:
+            put(exc)
+
+    thread = threading.Thread(target=reader, name=f"nbd-pull-{source.export}", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            yield item
+    finally:
+        if not finished:
+            stop.set()
+            await _drain_until_done(queue)
+        # Not thread.join() on the loop: the reader's last put() completes through the loop.
+        await asyncio.to_thread(thread.join)
+
+
+async def _drain_until_done(queue: asyncio.Queue[Any]) -> None:
+    """Consume (and drop) what the stopping reader still sends, until it says it is done."""
+    with contextlib.suppress(asyncio.CancelledError):
+        while True:
+            item = await queue.get()
+            if item is _DONE or isinstance(item, BaseException):
+                return

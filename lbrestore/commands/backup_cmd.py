@@ -1,0 +1,164 @@
+"""`lbrestore backup`: a live backup of a running VM into the store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from lbqemu.nbd import Run
+from lbrestore.backup import BackupHooks, BackupOptions, BackupSummary, run_backup
+from lbrestore.commands._common import (
+    echo_json,
+    format_size,
+    is_terminal,
+    json_option,
+    with_store,
+)
+from lbstore.names import check_vm_name
+from lbstore.store import Store
+
+
+@contextmanager
+def _progress_hooks(enabled: bool) -> Iterator[BackupHooks]:
+    """A rich progress bar on a terminal (stderr); no hooks otherwise."""
+    if not enabled:
+        yield BackupHooks()
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=True) as progress:
+        tasks: dict[str, object] = {}
+
+        def plan(disk: str, runs: list[Run]) -> None:
+            total = sum(r.length for r in runs)
+            tasks[disk] = progress.add_task(disk, total=total or 1)
+
+        def advance(disk: str, offset: int, length: int) -> None:
+            if disk in tasks:
+                progress.advance(tasks[disk], length)  # type: ignore[arg-type]
+
+        yield BackupHooks(plan=plan, progress=advance)
+
+
+def _print_summary(summary: BackupSummary) -> None:
+    click.echo(
+        f"restore point #{summary.point_id} of {summary.vm}: {summary.kind}, "
+        f"{format_size(summary.bytes_read)} read, {format_size(summary.bytes_stored)} stored "
+        f"in {summary.duration:.1f} s ({format_size(int(summary.throughput))}/s)"
+    )
+    for disk in summary.disks:
+        why = f" ({disk.reason})" if disk.reason else ""
+        click.echo(
+            f"  {disk.name}: {disk.mode}{why}, {format_size(disk.bytes_read)} read, "
+            f"{format_size(disk.bytes_stored)} stored"
+        )
+    for problem in summary.problems:
+        click.echo(f"  warning: {problem}", err=True)
+
+
+@click.command("backup")
+@click.argument("vm")
+@click.option(
+    "--qmp", "qmp", required=True, metavar="unix:PATH|tcp:HOST:PORT", help="QEMU's QMP socket."
+)
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    metavar="NAME",
+    help="Back up only this disk (device id, else node name); repeatable. Default: all disks.",
+)
+@click.option("--full", is_flag=True, help="Read every disk whole (a new full restore point).")
+@click.option(
+    "--qga",
+    metavar="unix:PATH",
+    help="qemu-guest-agent socket: freeze guest filesystems around the snapshot instant.",
+)
+@click.option(
+    "--qga-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the guest agent.",
+)
+@click.option(
+    "--nbd",
+    metavar="unix:PATH|tcp:HOST:PORT",
+    help="Where QEMU exports the disks over NBD (default: a private unix socket).",
+)
+@click.option(
+    "--tls-creds",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="x509 credentials folder (ca-cert.pem, server-*.pem, client-*.pem) for NBD over TCP.",
+)
+@click.option(
+    "--insecure-tcp",
+    is_flag=True,
+    help="Allow NBD over TCP without TLS (disk contents travel unencrypted).",
+)
+@click.option(
+    "--scratch-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the fleecing scratch files go (QEMU must be able to write there).",
+)
+@json_option
+@with_store(write=True)
+def backup_command(
+    store: Store,
+    vm: str,
+    qmp: str,
+    disks: tuple[str, ...],
+    full: bool,
+    qga: str | None,
+    qga_timeout: float,
+    nbd: str | None,
+    tls_creds: Path | None,
+    insecure_tcp: bool,
+    scratch_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Back up a running VM: a point-in-time view of its disks, only changed clusters pulled.
+
+    The first backup of a disk reads it whole; later ones read what changed since the previous
+    restore point (QEMU's persistent dirty bitmaps). When a bitmap cannot be trusted (QEMU
+    crashed, disk resized, ...) the disk is resynced: read whole, only changed clusters stored.
+    """
+    options = BackupOptions(
+        vm=check_vm_name(vm),
+        qmp=qmp,
+        disks=disks,
+        full=full,
+        qga=qga,
+        qga_timeout=qga_timeout,
+        nbd=nbd,
+        tls_creds=str(tls_creds) if tls_creds else None,
+        insecure_tcp=insecure_tcp,
+        scratch_dir=scratch_dir,
+    )
+    with _progress_hooks(is_terminal() and not as_json) as hooks:
+        summary = asyncio.run(run_backup(store, options, hooks))
+    if as_json:
+        echo_json(summary.to_json())
+    else:
+        _print_summary(summary)
+
+
+COMMANDS = [backup_command]
