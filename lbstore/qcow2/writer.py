@@ -68,6 +68,7 @@ MAX_BACKING_FILE_NAME = 1023  # qcow2.txt: backing_file_size "must not be larger
 SECTOR_SIZE = 512  # QEMU sizes block devices in 512-byte sectors
 IOV_MAX = 1024
 METADATA_BATCH = 4 * 1024 * 1024  # bytes of L2/refcount tables gathered per pwritev
+# Worker threads compress clusters in parallel (zlib and zstd release the GIL).
 COMPRESS_THREADS = min(4, os.cpu_count() or 1)
 
 # Names QEMU writes into the feature name table, so `qemu-img info` can name every bit.
@@ -332,6 +333,8 @@ class Qcow2Writer:
         chunks: list[bytes | memoryview] = [view]
         if len(view) < nbytes:
             chunks.append(bytes(nbytes - len(view)))
+        # One pwritev for the whole run: buffered writes to one file are serialized by the
+        # kernel (inode lock), so splitting a run over threads would not make it faster.
         _pwrite_all(self._require_fd(), chunks, host)
         self._end += nbytes
         self._l2.set_data(first, count, host)

@@ -184,7 +184,7 @@ def test_large_uncompressed_writes_use_few_syscalls(
 
     monkeypatch.setattr(os, "pwritev", counting_pwritev)
     with Qcow2Writer(tmp_path / "big.qcow2", 16 * MIB, cluster_size=4096) as writer:
-        writer.write(0, bytes(8 * MIB))  # 2048 clusters
+        writer.write(0, bytes(8 * MIB))  # 2048 clusters in one call
         assert len(calls) == 1
 
 

@@ -146,7 +146,7 @@ def write_image(scenario: Scenario, folder: Path) -> tuple[Path, Path]:
     return image, expected_raw
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios())
 def test_written_images_pass_qemu_check_and_compare(
     scenario: Scenario, tmp_path_factory: pytest.TempPathFactory
