@@ -315,3 +315,36 @@ def test_header_details(images: dict) -> None:
         assert image.header.extended_l2
         kinds = {r.kind for r in image.runs(0, 64 << 10)}
         assert kinds == {RunKind.BACKING, RunKind.DATA}  # one 2 KiB subcluster is allocated
+
+
+def test_tiny_l2_cache_evicts_and_still_reads_right(images: dict) -> None:
+    """v3_512 has 64 L2 tables of 512 bytes: a one-table cache must evict on every range."""
+    path = images["v3_512"].path
+    with Qcow2Image.open(path) as roomy, Qcow2Image.open(path, l2_cache_bytes=512) as tiny:
+        for offset in (0, 1 << 20, 100_000, 0):
+            assert tiny.read(offset, 300_000) == roomy.read(offset, 300_000)
+        assert list(tiny.runs()) == list(roomy.runs())
+        assert len(tiny._l2_cache._tables) == 1
+
+
+def test_concurrent_reads_from_threads(images: dict) -> None:
+    """FUSE reads from several threads at once; the caches are shared safely."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with open_image(images["chain"].path) as image:
+        expected = image.read(0, image.virtual_size)
+        rng = random.Random(3)
+        jobs = [(rng.randrange(image.virtual_size), rng.randrange(1, 300_000)) for _ in range(200)]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda job: image.read(*job), jobs))
+        for (offset, length), got in zip(jobs, results, strict=True):
+            assert got == expected[offset : offset + length]
+
+
+def test_open_without_backing_reads_zeros_where_unallocated(images: dict) -> None:
+    path = images["extended_l2"].path
+    with Qcow2Image.open(path, backing=False) as alone, Qcow2Image.open(path) as chained:
+        assert alone.backing is None
+        assert chained.read(0, 4096) == b"\x71" * 4096
+        assert alone.read(0, 4096) == bytes(4096)  # the base's data is not consulted
+        assert alone.read(4096, 2048) == b"\x72" * 2048
