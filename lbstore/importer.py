@@ -7,8 +7,11 @@ of a stopped VM becomes a real incremental chain.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -90,20 +93,43 @@ def _copy(
     write: Callable[[int, memoryview], None],
     progress: Progress | None,
 ) -> None:
-    """Feed every byte of `image` to `write`, CHUNK bytes at a time."""
-    buffer = bytearray(CHUNK)
+    """Feed every byte of `image` to `write`, CHUNK bytes at a time.
+
+    The next chunk is read in a helper thread while the current one is hashed and written
+    (reads release the GIL), into page-aligned buffers, as qemu-img overlaps its I/O.
+    """
     size = image.virtual_size
-    offset = 0
-    while offset < size:
-        length = min(CHUNK, size - offset)
-        view = memoryview(buffer)[:length]
-        try:
-            got = image.readinto(offset, view)
-        except OSError as exc:
-            raise ImageError(image.path, f"read error: {os.strerror(exc.errno or 0)}") from exc
-        if got != length:
-            raise ImageError(image.path, f"short read at {offset}: the file shrank while read")
-        write(offset, view)
-        offset += length
-        if progress is not None:
-            progress(length)
+    offsets = list(range(0, size, CHUNK))
+    buffers = [mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK)]
+    try:
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(_read_chunk, image, offsets[0], buffers[0])
+            for i, offset in enumerate(offsets):
+                view = pending.result()
+                if i + 1 < len(offsets):
+                    pending = reader.submit(
+                        _read_chunk, image, offsets[i + 1], buffers[(i + 1) % 2]
+                    )
+                write(offset, view)
+                if progress is not None:
+                    progress(len(view))
+                view.release()
+    finally:
+        for buffer in buffers:
+            with contextlib.suppress(BufferError):
+                buffer.close()
+
+
+def _read_chunk(image: Qcow2Image | RawImage, offset: int, buffer: mmap.mmap) -> memoryview:
+    """Read the chunk at `offset` into `buffer`; a view of exactly its bytes."""
+    length = min(CHUNK, image.virtual_size - offset)
+    view = memoryview(buffer)[:length]
+    try:
+        got = image.readinto(offset, view)
+    except OSError as exc:
+        view.release()
+        raise ImageError(image.path, f"read error: {os.strerror(exc.errno or 0)}") from exc
+    if got != length:
+        view.release()
+        raise ImageError(image.path, f"short read at {offset}: the file shrank while read")
+    return view
