@@ -12,7 +12,9 @@ paths as a guest's writes (dirty bitmaps, copy-before-write).
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -21,14 +23,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 MiB = 1 << 20
 SPARE_ROOT_PORTS = 4
 
 
 class VMError(RuntimeError):
     """The test VM failed to start or to answer; carries the command line and QEMU's output."""
+
+
+class SyncQmp:
+    """A minimal blocking QMP client (JSON lines over a unix socket).
+
+    Not qemu.qmp's legacy client: that one runs its own event loop, so it cannot be called from
+    a hook that runs on the event loop of the backup job under test."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(str(path))
+            self.file = self.sock.makefile("rwb")
+            greeting = self._read()
+            if "QMP" not in greeting:
+                raise VMError(f"unexpected QMP greeting: {greeting}")
+            self.execute("qmp_capabilities", None)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise VMError("QMP connection closed")
+        return dict(json.loads(line))
+
+    def execute(self, command: str, args: dict[str, Any] | None) -> dict[str, Any]:
+        """Send one command; return its reply (events in between are dropped)."""
+        message: dict[str, Any] = {"execute": command}
+        if args:
+            message["arguments"] = args
+        self.file.write(json.dumps(message).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = self._read()
+            if "return" in reply or "error" in reply:
+                return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.sock.close()
 
 
 @dataclass
@@ -58,7 +101,7 @@ class TestVM:
     name: str = "vm1"
     accel: str = "unknown"
     proc: subprocess.Popen[bytes] | None = None
-    _ctl: QEMUMonitorProtocol | None = None
+    _ctl: SyncQmp | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _free_ports: list[str] = field(default_factory=list)
 
@@ -128,10 +171,9 @@ class TestVM:
                 output = (self.workdir / "qemu.log").read_text(errors="replace")
                 raise VMError(f"QEMU exited with {self.proc.returncode}: {args}\n{output}")
             try:
-                ctl = QEMUMonitorProtocol(str(self.ctl_socket))
-                ctl.connect()
+                ctl = SyncQmp(self.ctl_socket)
                 break
-            except Exception:  # the socket exists before QEMU accepts: retry
+            except OSError:  # the socket exists before QEMU accepts: retry
                 if time.monotonic() > deadline:
                     raise VMError(f"QEMU never accepted QMP: {args}") from None
                 time.sleep(0.05)
@@ -144,7 +186,7 @@ class TestVM:
         """Run one QMP command on the harness monitor; raises VMError with QEMU's message."""
         assert self._ctl is not None, "VM not running"
         with self._lock:
-            reply = self._ctl.cmd_raw(command, args or None)
+            reply = self._ctl.execute(command, args or None)
         if "error" in reply:
             raise VMError(f"{command}: {reply['error'].get('desc')}")
         return reply["return"]
