@@ -70,6 +70,7 @@ IOV_MAX = 1024
 METADATA_BATCH = 4 * 1024 * 1024  # bytes of L2/refcount tables gathered per pwritev
 # Worker threads compress clusters in parallel (zlib and zstd release the GIL).
 COMPRESS_THREADS = min(4, os.cpu_count() or 1)
+COMPRESS_BATCH = 8 * 1024 * 1024  # guest bytes compressed and written out together
 
 # Names QEMU writes into the feature name table, so `qemu-img info` can name every bit.
 _FEATURE_NAMES = [
@@ -341,16 +342,24 @@ class Qcow2Writer:
         self.stored_bytes += nbytes
 
     def _write_compressed(self, first: int, count: int, view: memoryview) -> None:
+        """Compress cluster by cluster, in batches so that memory stays bounded by a batch."""
         cluster_size = self._geometry.cluster_size
-        clusters: list[bytes | memoryview] = [
-            view[i * cluster_size : (i + 1) * cluster_size] for i in range(count)
-        ]
-        if len(clusters[-1]) < cluster_size:
-            clusters[-1] = bytes(clusters[-1]) + bytes(cluster_size - len(clusters[-1]))
+        per_batch = max(1, COMPRESS_BATCH // cluster_size)
+        for start in range(0, count, per_batch):
+            stop = min(count, start + per_batch)
+            clusters: list[bytes | memoryview] = [
+                view[i * cluster_size : (i + 1) * cluster_size] for i in range(start, stop)
+            ]
+            if len(clusters[-1]) < cluster_size:
+                clusters[-1] = bytes(clusters[-1]) + bytes(cluster_size - len(clusters[-1]))
+            self._store_clusters(first + start, clusters)
+
+    def _store_clusters(self, first: int, clusters: list[bytes | memoryview]) -> None:
+        """Store each cluster compressed if that is smaller, else as it is."""
+        cluster_size = self._geometry.cluster_size
         pending = _PendingWrites()
-        for index, (raw, packed) in enumerate(
-            zip(clusters, self._compress_all(clusters), strict=True)
-        ):
+        packed_clusters = self._compress_all(clusters)
+        for index, (raw, packed) in enumerate(zip(clusters, packed_clusters, strict=True)):
             if len(packed) < cluster_size:
                 host = self._place_compressed(len(packed))
                 entry = compressed_descriptor(host, len(packed), self._geometry.cluster_bits)

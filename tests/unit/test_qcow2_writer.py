@@ -373,3 +373,27 @@ def test_qemu_can_write_to_the_image_afterwards(tmp_path: Path) -> None:
     expected[12 * cluster : 14 * cluster] = tail
     (tmp_path / "expected.raw").write_bytes(expected)
     qemu_img_compare(tmp_path / "expected.raw", image)
+
+
+def test_sparse_multi_terabyte_image_with_runs_far_beyond_4_gib(tmp_path: Path) -> None:
+    cluster = 65536
+    size = 3 * 1024**4 + 512  # 3 TiB and one sector: the last cluster is partial
+    runs = {
+        5 * 1024**3: b"a" * cluster,
+        2 * 1024**4: os.urandom(3 * cluster),
+        size - 512: b"z" * 512,
+    }
+    expected = tmp_path / "expected.raw"
+    with expected.open("wb") as raw:
+        raw.truncate(size)
+        for offset, data in runs.items():
+            raw.seek(offset)
+            raw.write(data)
+    image = tmp_path / "huge.qcow2"
+    with Qcow2Writer(image, size) as writer:
+        for offset, data in reversed(runs.items()):
+            writer.write(offset, data)
+        writer.write_zeroes(1024**4, 4 * cluster)
+    assert image.stat().st_size < 4 * MIB
+    qemu_img_check(image)
+    qemu_img_compare(expected, image)
