@@ -305,7 +305,14 @@ def _check_tables(path: Path, h: Qcow2Header, file_size: int) -> None:
         )
     if h.bitmaps is not None and h.bitmaps.nb_bitmaps:
         bm = h.bitmaps
-        _check_table(path, "bitmap directory", bm.directory_offset, bm.directory_size, 8, file_size)
+        _check_table(
+            path,
+            "bitmap directory",
+            bm.directory_offset,
+            bm.directory_size,
+            h.cluster_size,
+            file_size,
+        )
 
 
 def _check_table(
