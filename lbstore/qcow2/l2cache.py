@@ -7,7 +7,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 
-DEFAULT_L2_CACHE_BYTES = 32 << 20
+DEFAULT_L2_CACHE_BYTES = 8 << 20  # per image: 64 GiB of guest with 64 KiB clusters
 
 
 class L2Cache:
