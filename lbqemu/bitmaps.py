@@ -116,7 +116,8 @@ def plan_disk(
     distrust = _distrust(disk, ours, last_size, last_point)
     if distrust is not None:
         return DiskPlan(disk, "resync", new, reason=distrust, drop=tuple(b.name for b in ours))
-    keep = next((b for b in ours if b.recording), ours[0])
+    # Keep the oldest: its name says since which point the union of them all covers writes.
+    keep = min(ours, key=lambda b: _token(b) or 0)
     fold = tuple(b.name for b in ours if b.name != keep.name)
     mode: Mode = "full" if force_full else "incremental"
     reason = "full backup requested" if force_full else None
