@@ -31,7 +31,7 @@ from typing import Any
 from lbqemu import bitmaps
 from lbqemu.bitmaps import DiskPlan
 from lbqemu.discovery import DiskInfo, choose_disks, list_disks, vm_definition
-from lbqemu.fleece import PointInTimeView, remove_leftovers
+from lbqemu.fleece import PointInTimeView, nbd_endpoint, remove_leftovers
 from lbqemu.nbd import DEFAULT_CHUNK, DEFAULT_DEPTH, ZERO, NbdSource, Run, pull
 from lbqemu.qmp import QmpSession
 from lbstore.model import RestorePoint
@@ -46,6 +46,7 @@ class BackupOptions:
 
     vm: str
     qmp: str
+    connect_timeout: float = 10.0
     disks: tuple[str, ...] = ()
     full: bool = False
     qga: str | None = None
@@ -169,6 +170,21 @@ def _tls_object(options: BackupOptions, token: str) -> dict[str, Any] | None:
     return dict(tls.tls_creds_object(options.tls_creds, endpoint="server", id=f"lbr-tls-{token}"))
 
 
+def _check_transport(options: BackupOptions) -> None:
+    """Refuse a bad NBD address, plain TCP without opt-in or bad TLS credentials up front,
+    before anything in QEMU or the store is touched."""
+    nbd_endpoint(
+        options.nbd,
+        Path("."),
+        tls_creds_dir=options.tls_creds,
+        insecure_tcp=options.insecure_tcp,
+    )
+    if options.tls_creds:
+        from lbqemu import tls
+
+        tls.check_creds_dir(options.tls_creds)
+
+
 def _source(view: PointInTimeView, export: str) -> NbdSource:
     endpoint = view.endpoint
     if endpoint.path is not None:
@@ -182,9 +198,10 @@ async def run_backup(
 ) -> BackupSummary:
     """Back up the VM behind `options.qmp` into `store` (opened for writing)."""
     hooks = hooks or BackupHooks()
+    _check_transport(options)
     summary = BackupSummary(vm=options.vm)
     started = time.monotonic()
-    async with QmpSession(options.qmp) as session:
+    async with QmpSession(options.qmp, connect_timeout=options.connect_timeout) as session:
         summary.leftovers_removed = await remove_leftovers(session)
         all_disks = await list_disks(session)
         chosen = choose_disks(all_disks, options.disks)

@@ -80,6 +80,13 @@ def _print_summary(summary: BackupSummary) -> None:
     "--qmp", "qmp", required=True, metavar="unix:PATH|tcp:HOST:PORT", help="QEMU's QMP socket."
 )
 @click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to keep retrying the QMP connection (QEMU may still be starting).",
+)
+@click.option(
     "--disk",
     "disks",
     multiple=True,
@@ -125,6 +132,7 @@ def backup_command(
     store: Store,
     vm: str,
     qmp: str,
+    connect_timeout: float,
     disks: tuple[str, ...],
     full: bool,
     qga: str | None,
@@ -144,6 +152,7 @@ def backup_command(
     options = BackupOptions(
         vm=check_vm_name(vm),
         qmp=qmp,
+        connect_timeout=connect_timeout,
         disks=disks,
         full=full,
         qga=qga,
