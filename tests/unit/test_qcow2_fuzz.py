@@ -19,7 +19,7 @@ from lbstore.errors import Qcow2Error
 from lbstore.qcow2 import format as fmt
 from lbstore.qcow2.reader import open_image
 
-EXAMPLES_PER_IMAGE = 1000
+EXAMPLES_PER_IMAGE = 800
 MAX_READ = 1 << 20
 INTERESTING_64 = [0, 1, 0x200, 0x10000, 1 << 31, 1 << 32, 1 << 40, 1 << 62, 1 << 63, 2**64 - 1]
 INTERESTING_32 = [0, 1, 7, 8, 9, 16, 21, 22, 104, 112, 0x7FFFFFFF, 0xFFFFFFFF]
@@ -29,6 +29,7 @@ BASE_IMAGES = {
     "v2_64k": (["-o", "compat=0.10"], "1M"),
     "extl2_16k": (["-o", "cluster_size=16k,extended_l2=on"], "512k"),
     "zstd_4k": (["-o", "cluster_size=4k,compression_type=zstd"], "256k"),
+    "overlay_4k": (["-o", "cluster_size=4k", "-b", "base.qcow2", "-F", "qcow2"], "320k"),
 }
 WRITES = [
     "write -P 0x11 0 3k",
@@ -40,6 +41,12 @@ WRITES = [
 
 def _make_base(folder: Path, name: str) -> bytes:
     opts, size = BASE_IMAGES[name]
+    if "-b" in opts:  # the overlay's backing file, which the mutations leave alone
+        base = folder / "base.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "256k"], check=True)
+        subprocess.run(
+            ["qemu-io", "-c", "write -P 0x77 0 256k", base], check=True, capture_output=True
+        )
     path = folder / f"{name}.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *opts, path, size], check=True)
     qemu_io = ["qemu-io", "-f", "qcow2"]
