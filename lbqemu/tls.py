@@ -5,6 +5,11 @@ One folder serves both ends, in the layout QEMU's `tls-creds-x509` object and li
     ca-cert.pem                       the authority both ends trust (always required)
     server-cert.pem, server-key.pem   QEMU's NBD server (endpoint=server)
     client-cert.pem, client-key.pem   the receiver, as NBD client (optional, as a pair)
+    dh-params.pem                     Diffie-Hellman parameters for the server (optional)
+
+Without `dh-params.pem`, QEMU generates 2048-bit DH parameters every time the credentials
+object is created (seconds of CPU per backup); `certtool --get-dh-params` writes a standard
+group instantly. `TlsCredentials.has_dh_params` lets the caller say so.
 
 When the folder holds a client certificate, QEMU is told to demand one from every client
 (verify-peer), so only a holder of a certificate from the CA can read the disks. The receiver
@@ -29,6 +34,7 @@ Endpoint = Literal["server", "client"]
 CA_CERT = "ca-cert.pem"
 SERVER_FILES = ("server-cert.pem", "server-key.pem")
 CLIENT_FILES = ("client-cert.pem", "client-key.pem")
+DH_PARAMS = "dh-params.pem"
 PEM_MARKER = b"-----BEGIN "
 
 
@@ -39,6 +45,7 @@ class TlsCredentials:
     path: Path
     has_server_cert: bool
     has_client_cert: bool
+    has_dh_params: bool = False
 
 
 def _check_pem(file: Path) -> None:
@@ -73,7 +80,8 @@ def check_creds_dir(
     """Check a credentials folder for the server end, the client end, or both (lbrestore's case).
 
     Required: `ca-cert.pem`; the server pair for `server`/`both`. The client pair is optional
-    but must be complete. Raises TlsCredentialsError naming the first bad file.
+    but must be complete; `dh-params.pem` is optional. Raises TlsCredentialsError naming the
+    first bad file.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -84,9 +92,15 @@ def check_creds_dir(
     if endpoint in ("server", "both") and not has_server:
         _check_pem(folder / SERVER_FILES[0])  # raises "missing" for the certificate
     has_client = _present(folder, CLIENT_FILES)
-    for name in (SERVER_FILES if has_server else ()) + (CLIENT_FILES if has_client else ()):
+    has_dh = (folder / DH_PARAMS).exists()
+    present = (
+        (SERVER_FILES if has_server else ())
+        + (CLIENT_FILES if has_client else ())
+        + ((DH_PARAMS,) if has_dh else ())
+    )
+    for name in present:
         _check_pem(folder / name)
-    return TlsCredentials(folder.resolve(), has_server, has_client)
+    return TlsCredentials(folder.resolve(), has_server, has_client, has_dh)
 
 
 def tls_creds_object(

@@ -12,16 +12,18 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nbd
 import pytest
+from conftest import assert_point_equals, backup, our_bitmaps, points
 from fixtures.tls import TlsDirs, make_tls_dirs
-from qemu_vm import MiB, running_vm
+from qemu_vm import MiB, TestVM, running_vm
 
-from lbqemu.errors import NbdTlsError, TlsCredentialsError
+from lbqemu.errors import NbdTlsError, QemuError, TlsCredentialsError
 from lbqemu.tls import check_creds_dir, configure_client, connect_tcp, tls_creds_object
 
 IMAGE_SIZE = 4 * MiB
@@ -243,7 +245,7 @@ def copy_dir(src: Path, dest: Path) -> Path:
 
 def test_check_accepts_the_good_folder(tls_dirs: TlsDirs) -> None:
     creds = check_creds_dir(tls_dirs.good)
-    assert creds.has_server_cert and creds.has_client_cert
+    assert creds.has_server_cert and creds.has_client_cert and creds.has_dh_params
     client_only = check_creds_dir(tls_dirs.ca_only, "client")
     assert not client_only.has_client_cert and not client_only.has_server_cert
 
@@ -302,3 +304,86 @@ def test_creds_object_arguments(tls_dirs: TlsDirs, monkeypatch: pytest.MonkeyPat
     client = tls_creds_object(tls_dirs.ca_only, "client", id="c0")
     assert client["endpoint"] == "client" and client["verify-peer"] is True
     assert tls_creds_object(tls_dirs.good, verify_peer=False)["verify-peer"] is False
+
+
+# --- end to end: `lbrestore backup` over TCP + TLS on loopback --------------------------------
+
+
+def lbrestore(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lbrestore", "--store", str(store), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def tls_options(creds: Path | None) -> dict[str, Any]:
+    """Backup options with QEMU's NBD server on a fresh loopback port, TLS from `creds`."""
+    options: dict[str, Any] = {"nbd": f"tcp:127.0.0.1:{free_port()}"}
+    if creds is not None:
+        options["tls_creds"] = str(creds)
+    return options
+
+
+def assert_refused_cleanly(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    """A failed command: exit code 1, one line on stderr naming the problem, no traceback."""
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def qemu_left_nothing(vm: TestVM) -> None:
+    """No export, job, NBD server or TLS object of ours is left in QEMU."""
+    assert vm.cmd("query-block-exports") == [] and vm.cmd("query-jobs") == []
+    objects = [o["name"] for o in vm.cmd("qom-list", path="/objects")]
+    assert not [name for name in objects if name.startswith("lbr-")], objects
+
+
+def test_backup_over_tls_and_wrong_certificates_refused(
+    make_vm: Callable[..., TestVM], store_path: Path, tls_dirs: TlsDirs, tmp_path: Path
+) -> None:
+    """Backups run in this process (as the CLI runs them); one refusal goes through the CLI."""
+    vm = make_vm({"vda": 8 * MiB})
+    vm.qemu_io("vda", "write -P 0x5c 0 1M")
+    snaps = vm.snapshot_all(tmp_path, "s1")
+    first = backup(store_path, vm, **tls_options(tls_dirs.good))
+    assert first.kind == "full"
+    assert_point_equals(store_path, first.point_id, snaps)
+    qemu_left_nothing(vm)
+
+    vm.qemu_io("vda", "write -P 0x6d 2M 64k")
+    bitmaps_before = [b["name"] for b in our_bitmaps(vm, "vda")]
+
+    def assert_nothing_changed() -> None:
+        assert points(store_path) == [(first.point_id, "full")]
+        mine = our_bitmaps(vm, "vda")
+        assert [b["name"] for b in mine] == bitmaps_before
+        assert mine[0]["recording"] and mine[0]["count"] >= 64 * 1024
+        qemu_left_nothing(vm)
+
+    # The server rejects a client certificate its CA did not issue: in the TLS handshake,
+    # after the point-in-time transaction, so the new bitmap must be merged back.
+    cli = lbrestore(
+        store_path, "backup", vm.name, "--qmp", vm.qmp_address,
+        "--nbd", f"tcp:127.0.0.1:{free_port()}", "--tls-creds", str(tls_dirs.wrong_client),
+    )  # fmt: skip
+    assert_refused_cleanly(cli, "NBD over TLS", "failed")
+    assert_nothing_changed()
+    # QEMU rejects a server certificate its CA did not issue, when the object is added.
+    with pytest.raises(QemuError, match=r"server-cert\.pem"):
+        backup(store_path, vm, **tls_options(tls_dirs.mismatched))
+    assert_nothing_changed()
+    # Plain TCP is refused unless asked for explicitly.
+    with pytest.raises(QemuError, match="unencrypted"):
+        backup(store_path, vm, **tls_options(None))
+    assert_nothing_changed()
+
+    snaps = vm.snapshot_all(tmp_path, "s2")
+    second = backup(store_path, vm, **tls_options(tls_dirs.good))
+    assert second.kind == "incremental"
+    assert second.bytes_read == 64 * 1024
+    assert_point_equals(store_path, second.point_id, snaps)
