@@ -131,7 +131,6 @@ def test_generated_script_starts_a_vm_from_the_restored_disks(
         nics = qmp.cmd("query-rx-filter")
         assert len(nics) == 1 and nics[0]["main-mac"] in script
         assert nics[0]["main-mac"] != "52:54:00:11:22:33"
-        qmp.cmd("quit")
         qmp.close()
     finally:
         if process.poll() is None:
