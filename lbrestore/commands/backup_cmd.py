@@ -66,8 +66,9 @@ def _print_summary(summary: BackupSummary) -> None:
     )
     for disk in summary.disks:
         why = f" ({disk.reason})" if disk.reason else ""
+        zeros = f", {format_size(disk.bytes_zero)} zeroed" if disk.bytes_zero else ""
         click.echo(
-            f"  {disk.name}: {disk.mode}{why}, {format_size(disk.bytes_read)} read, "
+            f"  {disk.name}: {disk.mode}{why}, {format_size(disk.bytes_read)} read{zeros}, "
             f"{format_size(disk.bytes_stored)} stored"
         )
     for problem in summary.problems:
