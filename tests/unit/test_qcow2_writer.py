@@ -397,3 +397,26 @@ def test_sparse_multi_terabyte_image_with_runs_far_beyond_4_gib(tmp_path: Path) 
     assert image.stat().st_size < 4 * MIB
     qemu_img_check(image)
     qemu_img_compare(expected, image)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib", "zstd"])
+def test_round_trip_through_lbstore_reader(tmp_path: Path, compression: str | None) -> None:
+    from lbstore.qcow2.reader import Qcow2Image, RunKind
+
+    cluster = 4096
+    size = 20 * cluster + 512
+    rng = random.Random(21)
+    expected = bytearray(size)
+    image = tmp_path / "rt.qcow2"
+    with Qcow2Writer(image, size, cluster_size=cluster, compression=compression) as writer:  # type: ignore[arg-type]
+        data = rng.randbytes(2 * cluster) + b"c" * (2 * cluster)
+        writer.write(8 * cluster, data)
+        expected[8 * cluster : 12 * cluster] = data
+        writer.write(20 * cluster, b"e" * 512)
+        expected[20 * cluster :] = b"e" * 512
+        writer.write_zeroes(0, 2 * cluster)
+    with Qcow2Image.open(image) as opened:
+        assert opened.read(0, size) == expected
+        kinds = {run.kind for run in opened.runs()}
+    assert RunKind.ZERO in kinds and RunKind.BACKING in kinds
+    assert (RunKind.COMPRESSED in kinds) == (compression is not None)
