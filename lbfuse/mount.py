@@ -11,6 +11,7 @@ user sees the files.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -118,6 +119,11 @@ class FuseAdapter(mfusepy.Operations):
         return self.tree.read(fh, offset, size)
 
     @_translated
+    def read_into(self, fh: int, offset: int, dest: memoryview) -> int:
+        """Fill the kernel's reply buffer in place (see _DirectReadFUSE)."""
+        return self.tree.read_into(fh, offset, dest)
+
+    @_translated
     def release(self, path: str | None, fh: int) -> int:
         """Drop the handle."""
         self.tree.release(fh)
@@ -158,6 +164,24 @@ class FuseAdapter(mfusepy.Operations):
     write = _refusing("write")
 
 
+class _DirectReadFUSE(mfusepy.FUSE):
+    """mfusepy's FUSE with one change: reads fill libfuse's buffer in place.
+
+    mfusepy's own read wants a bytes object and copies it into the buffer; here the buffer is
+    zeroed and handed to the tree as a memoryview, saving an allocation and two copies of
+    every byte served.
+    """
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        address = ctypes.addressof(buf.contents)
+        ctypes.memset(address, 0, size)
+        dest = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+        try:
+            return int(self.operations.read_into(fip.contents.fh, offset, dest))
+        finally:
+            dest.release()
+
+
 def fuse_options(fsname: str, *, debug: bool = False) -> dict[str, Any]:
     """The mount and libfuse options: read-only, owner-only, cached, large reads."""
     return {
@@ -184,6 +208,6 @@ def serve(tree: ReadOnlyTree, mountpoint: Path, *, fsname: str, debug: bool = Fa
     made raises MountFailedError.
     """
     try:
-        mfusepy.FUSE(FuseAdapter(tree), str(mountpoint), **fuse_options(fsname, debug=debug))
+        _DirectReadFUSE(FuseAdapter(tree), str(mountpoint), **fuse_options(fsname, debug=debug))
     except RuntimeError as exc:
         raise MountFailedError(mountpoint, f"FUSE mount failed (libfuse status {exc})") from exc

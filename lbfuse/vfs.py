@@ -55,6 +55,14 @@ class DiskSource(Protocol):
         ...
 
 
+class ReadIntoSource(DiskSource, Protocol):
+    """A DiskSource that can also fill a caller's buffer (no intermediate bytes object)."""
+
+    def readinto(self, offset: int, dest: memoryview) -> int:
+        """Fill the zero-filled `dest` from `offset`; return the bytes filled."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Attributes:
     """The stat of one entry; times are nanoseconds since the epoch."""
@@ -187,6 +195,32 @@ class ReadOnlyTree:
         if node is None:
             raise BadHandleError(handle)
         return self._read_node(node, offset, length)
+
+    def read_into(self, handle: int, offset: int, dest: memoryview) -> int:
+        """Fill `dest` (zero-filled by the caller) from `offset` of an open file; bytes filled.
+
+        The fast path for the FUSE adapter: the kernel's reply buffer is filled in place.
+        """
+        node = self._handles.get(handle)
+        if node is None:
+            raise BadHandleError(handle)
+        if offset < 0:
+            raise VfsError(node.name, "negative offset")
+        length = max(0, min(len(dest), node.length - offset))
+        if length == 0:
+            return 0
+        readinto = getattr(node.source, "readinto", None)
+        if readinto is None:
+            dest[:length] = self._read_node(node, offset, length)
+            return length
+        try:
+            with self._source_locks[id(node.source)]:
+                got = readinto(node.start + offset, dest[:length])
+        except Exception as exc:
+            raise SourceReadError("/" + node.name, exc) from exc
+        if got != length:
+            raise SourceReadError("/" + node.name, EOFError(f"short read {got}/{length}"))
+        return length
 
     def read_path(self, path: str, offset: int, length: int) -> bytes:
         """Like `read`, by path (for tests and callers without a handle)."""

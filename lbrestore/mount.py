@@ -58,6 +58,8 @@ class _View(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
+    def readinto(self, offset: int, dest: memoryview) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -71,6 +73,10 @@ class ViewSource:
     def read(self, offset: int, length: int) -> bytes:
         """The view's bytes; the tree never asks past the end."""
         return self._view.read(offset, length)
+
+    def readinto(self, offset: int, dest: memoryview) -> int:
+        """Fill the zero-filled `dest` straight from the chain's files."""
+        return self._view.readinto(offset, dest)
 
 
 # --- what is mounted ------------------------------------------------------------------------

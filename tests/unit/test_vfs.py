@@ -328,3 +328,37 @@ def test_every_write_callback_is_registered() -> None:
 def test_module_has_no_fuse_import() -> None:
     source = Path(__file__).parents[2].joinpath("lbfuse", "vfs.py").read_text()
     assert "mfusepy" not in source and "import fuse" not in source
+
+
+def test_read_into_fills_the_buffer_in_place(gpt_disk: bytes) -> None:
+    class IntoSource(RecordingSource):
+        def readinto(self, offset: int, dest: memoryview) -> int:
+            self.reads.append((offset, len(dest)))
+            dest[:] = self.data[offset : offset + len(dest)]
+            return len(dest)
+
+    source = IntoSource(gpt_disk)
+    tree = build_restore_point_tree({"vda": source}, b"{}", CREATED, uid=0, gid=0)
+    handle = tree.open("/vda-part2.raw", os.O_RDONLY)
+    buf = bytearray(MIB)
+    source.reads.clear()
+    assert tree.read_into(handle, 6 * MIB - 100, memoryview(buf)) == 100
+    assert buf[:100] == gpt_disk[11 * MIB - 100 : 11 * MIB] and buf[100:] == bytes(MIB - 100)
+    assert source.reads == [(11 * MIB - 100, 100)]
+    assert tree.read_into(handle, 6 * MIB, memoryview(buf)) == 0
+    # A source without readinto is copied in; vm.json is one.
+    meta = tree.open("/vm.json", os.O_RDONLY)
+    assert tree.read_into(meta, 0, memoryview(buf)) == 2 and buf[:2] == b"{}"
+    with pytest.raises(BadHandleError):
+        tree.read_into(12345, 0, memoryview(buf))
+
+
+def test_read_into_failure_is_eio(gpt_disk: bytes) -> None:
+    class Broken(RecordingSource):
+        def readinto(self, offset: int, dest: memoryview) -> int:
+            raise OSError(errno.EIO, "bad sector")
+
+    tree = build_restore_point_tree({"vda": Broken(gpt_disk)}, b"{}", CREATED, uid=0, gid=0)
+    handle = tree.open("/vda.raw", os.O_RDONLY)
+    with pytest.raises(SourceReadError):
+        tree.read_into(handle, 0, memoryview(bytearray(512)))
