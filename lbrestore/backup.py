@@ -95,6 +95,7 @@ class BackupSummary:
     duration: float = 0.0
     leftovers_removed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    guest_freeze: dict[str, Any] | None = None  # lbqemu.guest.FreezeReport.to_dict() (--qga)
 
     @property
     def bytes_read(self) -> int:
@@ -151,14 +152,26 @@ def plan_disks(
     return plans
 
 
-def _freeze(options: BackupOptions) -> Callable[[], AbstractAsyncContextManager[Any]] | None:
-    """The guest filesystem freeze around the transaction, when `--qga` is given."""
+def _freeze(
+    options: BackupOptions, summary: BackupSummary
+) -> Callable[[], AbstractAsyncContextManager[Any]] | None:
+    """The guest filesystem freeze around the transaction, when `--qga` is given.
+
+    Its report goes into the summary: a refused freeze still gives a (crash-consistent) point,
+    and the summary and the event log say why."""
     if not options.qga:
         return None
     from lbqemu import guest
 
     address, timeout = options.qga, options.qga_timeout
-    return lambda: guest.frozen(address, timeout)
+
+    @contextlib.asynccontextmanager
+    async def frozen_and_reported() -> AsyncGenerator[Any, None]:
+        async with guest.frozen(address, timeout) as report:
+            yield report
+        summary.guest_freeze = report.to_dict()
+
+    return frozen_and_reported
 
 
 def _tls_object(options: BackupOptions, token: str) -> dict[str, Any] | None:
@@ -239,6 +252,15 @@ def _record_events(store: Store, summary: BackupSummary, plans: list[DiskPlan]) 
         )
     for problem in summary.problems:
         store.record_event(summary.vm, "backup-problem", problem, point_id=summary.point_id)
+    freeze = summary.guest_freeze
+    if freeze is not None and not freeze["frozen"]:
+        store.record_event(
+            summary.vm,
+            "guest-not-frozen",
+            f"crash-consistent: {freeze['refused']}",
+            point_id=summary.point_id,
+            refused=freeze["refused"],
+        )
 
 
 class _Job:
@@ -271,7 +293,7 @@ class _Job:
             tls_creds_dir=self.options.tls_creds,
             insecure_tcp=self.options.insecure_tcp,
             scratch_parent=self.options.scratch_dir,
-            around_transaction=_freeze(self.options),
+            around_transaction=_freeze(self.options, self.summary),
         )
         committed = False
         try:

@@ -71,6 +71,11 @@ def _print_summary(summary: BackupSummary) -> None:
             f"  {disk.name}: {disk.mode}{why}, {format_size(disk.bytes_read)} read{zeros}, "
             f"{format_size(disk.bytes_stored)} stored"
         )
+    freeze = summary.guest_freeze
+    if freeze is not None and freeze["frozen"]:
+        click.echo(f"  guest filesystems frozen ({freeze['filesystems']}) around the snapshot")
+    elif freeze is not None:
+        click.echo(f"  warning: guest not frozen, crash-consistent: {freeze['refused']}", err=True)
     for problem in summary.problems:
         click.echo(f"  warning: {problem}", err=True)
 
