@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import assert_point_equals
 from fixtures.qga import RunningAgent, running_agent
+from qemu_vm import MiB, running_vm
 
 from lbqemu.errors import GuestAgentError, GuestAgentTimeoutError, GuestAgentUnavailableError
 from lbqemu.guest import FreezeReport, GuestAgent, frozen
+from lbstore.store import Store
 
 # Generous: only reached when something is wrong (the agent answers in milliseconds).
 AGENT_TIMEOUT = 10.0
@@ -219,3 +224,58 @@ def test_vm_without_agent_gives_a_clean_timeout(tmp_path: Path) -> None:
 
         with pytest.raises(GuestAgentTimeoutError, match=r"no answer within 0\.5 s"):
             asyncio.run(run())
+
+
+# --- end to end: `lbrestore backup --qga` against a real agent --------------------------------
+
+
+def test_backup_with_guest_agent_completes_and_reports_the_refused_freeze(
+    agent: RunningAgent, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    with running_vm(tmp_path / "vm", {"vda": 4 * MiB}) as vm:
+        vm.qemu_io("vda", "write -P 0x3c 0 256k")
+        snaps = vm.snapshot_all(tmp_path, "s")
+        Store.init(store)
+        done = lbrestore(
+            store, "backup", vm.name, "--qmp", vm.qmp_address, "--qga", agent.address, "--json"
+        )
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+
+    assert summary["kind"] == "full"
+    assert_point_equals(store, summary["point_id"], snaps)
+    freeze = summary["guest_freeze"]
+    assert freeze["frozen"] is False and freeze["consistency"] == "crash"
+    assert "guest-fsfreeze-freeze has been disabled" in freeze["refused"]
+    assert freeze["thawed"] is True
+    log = stopped_log(agent)
+    assert log.index("guest-fsfreeze-freeze") < log.index("guest-fsfreeze-thaw")
+    # The reason is kept in the store's event log too.
+    with Store.open(store) as opened:
+        events = [e for e in opened.events("vm1") if e["kind"] == "guest-not-frozen"]
+    assert len(events) == 1 and "has been disabled" in events[0]["message"]
+
+
+def test_backup_with_an_absent_agent_fails_cleanly(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with running_vm(tmp_path / "vm", {"vda": 4 * MiB}) as vm:
+        Store.init(store)
+        missing = f"unix:{tmp_path / 'no-agent.sock'}"
+        done = lbrestore(store, "backup", vm.name, "--qmp", vm.qmp_address, "--qga", missing)
+        assert [b for b in vm.bitmaps("vda") if b["name"].startswith("lbr-")] == []
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"lbrestore: guest agent {missing}: no agent socket at {tmp_path / 'no-agent.sock'}"
+    ]
+    with Store.open(store) as opened:
+        assert opened.restore_points("vm1") == []
+
+
+def lbrestore(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lbrestore", "--store", str(store), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
