@@ -41,6 +41,9 @@ DEFAULT_MAX_CHAIN_DEPTH = 1000
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 _ZEROS = bytes(1 << 20)
 _ALL_SUBCLUSTERS = (1 << fmt.SUBCLUSTERS_PER_CLUSTER) - 1
+_ZERO_NOT_COMPRESSED = fmt.QCOW_OFLAG_ZERO | fmt.QCOW_OFLAG_COMPRESSED
+# An entry is unallocated (read from the backing file) when none of these bits is set.
+_UNALLOCATED_TEST = fmt.QCOW_OFLAG_COMPRESSED | fmt.QCOW_OFLAG_ZERO | fmt.L2E_OFFSET_MASK
 _MAX_PREAD = 1 << 30  # Linux caps one read at ~2 GiB; stay well below it
 
 
@@ -80,6 +83,18 @@ def _compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int]:
     host = entry & ((1 << x) - 1)
     sectors = ((entry >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
     return host, sectors * fmt.COMPRESSED_SECTOR_SIZE - (host % fmt.COMPRESSED_SECTOR_SIZE)
+
+
+def _zero_run_end(table: array, start: int, stop: int) -> int:
+    """The index of the first non-zero entry of `table[start:stop]` (`stop` when none)."""
+    pos = start
+    while pos < stop:
+        chunk = table[pos : min(stop, pos + 512)].tobytes()
+        rest = chunk.lstrip(b"\0")
+        pos += (len(chunk) - len(rest)) // 8
+        if rest:
+            return pos
+    return stop
 
 
 def _validate_read_args(offset: int, length: int) -> None:
@@ -356,30 +371,58 @@ class Qcow2Image(_ImageBase):
     def _l2_pieces(
         self, table: array, range_start: int, pos: int, end: int
     ) -> Iterator[tuple[RunKind, int, int, int]]:
+        """Pieces of one standard L2 table, each a stretch of entries of one kind (DATA only
+        while host offsets are contiguous); long stretches are found at C speed."""
         cbits = self.cluster_bits
+        i = (pos - range_start) >> cbits
+        stop = ((end - 1 - range_start) >> cbits) + 1
+        while i < stop:
+            entry = table[i]
+            kind, host, j = self._classify_stretch(table, i, stop, entry, range_start)
+            start = max(pos, range_start + (i << cbits))
+            finish = min(end, range_start + (j << cbits))
+            if kind is RunKind.DATA:
+                host += start - range_start - (i << cbits)
+            yield (kind, start, finish - start, host)
+            i = j
+
+    def _classify_stretch(
+        self, table: array, i: int, stop: int, entry: int, range_start: int
+    ) -> tuple[RunKind, int, int]:
+        """(kind, host or descriptor, end index) of the stretch of entries starting at `i`."""
+        if entry & fmt.QCOW_OFLAG_COMPRESSED:
+            return RunKind.COMPRESSED, entry, i + 1
+        if entry & fmt.QCOW_OFLAG_ZERO:
+            j = i + 1
+            while j < stop and table[j] & _ZERO_NOT_COMPRESSED == fmt.QCOW_OFLAG_ZERO:
+                j += 1
+            return RunKind.ZERO, 0, j
+        host = entry & fmt.L2E_OFFSET_MASK
+        if host == 0:
+            if entry == 0 and table[i:stop].count(0) == stop - i:
+                return RunKind.BACKING, 0, stop
+            j = i + 1
+            while j < stop and table[j] & _UNALLOCATED_TEST == 0:
+                j += 1
+            return RunKind.BACKING, 0, j
+        if host & (self.cluster_size - 1):
+            guest = range_start + (i << self.cluster_bits)
+            raise Qcow2Error(self.path, f"L2 entry for guest {guest:#x}: unaligned host {host:#x}")
+        return RunKind.DATA, host, self._contiguous_end(table, i, stop, entry)
+
+    def _contiguous_end(self, table: array, i: int, stop: int, entry: int) -> int:
+        """End index of the entries from `i` that continue `entry` cluster by cluster."""
         csize = self.cluster_size
-        cmask = csize - 1
-        first = (pos - range_start) >> cbits
-        last = (end - 1 - range_start) >> cbits
-        for index in range(first, last + 1):
-            entry = table[index]
-            cluster = range_start + (index << cbits)
-            start = pos if pos > cluster else cluster
-            stop = min(cluster + csize, end)
-            if entry & fmt.QCOW_OFLAG_COMPRESSED:
-                yield (RunKind.COMPRESSED, start, stop - start, entry)
-            elif entry & fmt.QCOW_OFLAG_ZERO:
-                yield (RunKind.ZERO, start, stop - start, 0)
-            else:
-                host = entry & fmt.L2E_OFFSET_MASK
-                if host == 0:
-                    yield (RunKind.BACKING, start, stop - start, 0)
-                elif host & cmask:
-                    raise Qcow2Error(
-                        self.path, f"L2 entry for guest {cluster:#x}: unaligned host {host:#x}"
-                    )
-                else:
-                    yield (RunKind.DATA, start, stop - start, host + (start - cluster))
+        count = stop - i
+        last = entry + count * csize
+        if count > 1 and last < 1 << 64 and table[i:stop] == array("Q", range(entry, last, csize)):
+            return stop
+        j = i + 1
+        expect = entry + csize
+        while j < stop and table[j] == expect:
+            j += 1
+            expect += csize
+        return j
 
     def _extended_l2_pieces(
         self, table: array, range_start: int, pos: int, end: int
