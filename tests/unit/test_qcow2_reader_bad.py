@@ -278,3 +278,38 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         open_image(tmp_path / "absent.qcow2")
     with pytest.raises(Qcow2Error):
         Qcow2Image.open(tmp_path)
+
+
+def test_unknown_incompatible_feature_is_named_from_the_feature_table(
+    tmp_path: Path, good: bytes
+) -> None:
+    data = bytearray(good)
+    at = data.find(b"extended L2 entries")  # an entry of QEMU's feature name table
+    assert at > 0
+    data[at - 2 : at + 46] = fmt.FeatureNameEntry.build(
+        dict(type=fmt.FEATURE_TYPE_INCOMPATIBLE, bit=10, name="future feature")
+    )
+    put(data, INCOMPAT, "Q", 1 << 10)
+    path = tmp_path / "future.qcow2"
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedFeatureError, match="future feature") as info:
+        Qcow2Image.open(path)
+    assert info.value.feature == "future feature"
+
+
+@pytest.mark.parametrize(
+    ("bitmap", "problem"),
+    [(0x1_0000_0001, "both allocated and zero"), (0x1, "without a host cluster")],
+)
+def test_bad_extended_l2_bitmaps_fail_on_read(tmp_path: Path, bitmap: int, problem: str) -> None:
+    path = tmp_path / "ext.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", path, "1M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 2k", path)
+    data = bytearray(path.read_bytes())
+    l2 = be64(data, be64(data, L1_OFFSET)) & fmt.L1E_OFFSET_MASK
+    if "host" in problem:
+        put(data, l2, "Q", 0)  # no host cluster, yet subcluster 0 allocated
+    put(data, l2 + 8, "Q", bitmap)
+    path.write_bytes(bytes(data))
+    with Qcow2Image.open(path) as image, pytest.raises(Qcow2Error, match=problem):
+        image.read(0, 4096)
