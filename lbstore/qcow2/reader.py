@@ -44,7 +44,8 @@ _ALL_SUBCLUSTERS = (1 << fmt.SUBCLUSTERS_PER_CLUSTER) - 1
 _ZERO_NOT_COMPRESSED = fmt.QCOW_OFLAG_ZERO | fmt.QCOW_OFLAG_COMPRESSED
 # An entry is unallocated (read from the backing file) when none of these bits is set.
 _UNALLOCATED_TEST = fmt.QCOW_OFLAG_COMPRESSED | fmt.QCOW_OFLAG_ZERO | fmt.L2E_OFFSET_MASK
-_MAX_PREAD = 1 << 30  # Linux caps one read at ~2 GiB; stay well below it
+_MAX_PREAD = 1 << 30
+_PROBE = 8  # first stretch of L2 entries compared at C speed  # Linux caps one read at ~2 GiB; stay well below it
 
 
 class RunKind(enum.Enum):
@@ -85,16 +86,19 @@ def _compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int]:
     return host, sectors * fmt.COMPRESSED_SECTOR_SIZE - (host % fmt.COMPRESSED_SECTOR_SIZE)
 
 
-def _zero_run_end(table: array, start: int, stop: int) -> int:
-    """The index of the first non-zero entry of `table[start:stop]` (`stop` when none)."""
-    pos = start
-    while pos < stop:
-        chunk = table[pos : min(stop, pos + 512)].tobytes()
-        rest = chunk.lstrip(b"\0")
-        pos += (len(chunk) - len(rest)) // 8
-        if rest:
-            return pos
-    return stop
+def _zero_entries_end(table: array, j: int, stop: int) -> int:
+    """Index of the first non-zero entry in `table[j:stop]` (or `stop`), probing stretches of
+    doubling length at C speed: linear in the stretch found, whatever the pattern."""
+    step = _PROBE
+    while j < stop:
+        n = min(step, stop - j)
+        if table[j : j + n].count(0) == n:
+            j, step = j + n, step * 2
+            continue
+        while table[j] == 0:  # the stretch ends inside this probe
+            j += 1
+        return j
+    return j
 
 
 def _validate_read_args(offset: int, length: int) -> None:
@@ -399,9 +403,7 @@ class Qcow2Image(_ImageBase):
             return RunKind.ZERO, 0, j
         host = entry & fmt.L2E_OFFSET_MASK
         if host == 0:
-            if entry == 0 and table[i:stop].count(0) == stop - i:
-                return RunKind.BACKING, 0, stop
-            j = i + 1
+            j = _zero_entries_end(table, i + 1, stop) if entry == 0 else i + 1
             while j < stop and table[j] & _UNALLOCATED_TEST == 0:
                 j += 1
             return RunKind.BACKING, 0, j
@@ -411,17 +413,25 @@ class Qcow2Image(_ImageBase):
         return RunKind.DATA, host, self._contiguous_end(table, i, stop, entry)
 
     def _contiguous_end(self, table: array, i: int, stop: int, entry: int) -> int:
-        """End index of the entries from `i` that continue `entry` cluster by cluster."""
+        """End index of the entries from `i` that continue `entry` cluster by cluster.
+
+        Probes stretches of doubling length at C speed, so the cost stays linear in the
+        length found whatever the pattern: O(1) for an isolated cluster, O(n) for a table.
+        """
         csize = self.cluster_size
-        count = stop - i
-        last = entry + count * csize
-        if count > 1 and last < 1 << 64 and table[i:stop] == array("Q", range(entry, last, csize)):
-            return stop
         j = i + 1
         expect = entry + csize
-        while j < stop and table[j] == expect:
-            j += 1
-            expect += csize
+        step = _PROBE
+        while j < stop:
+            n = min(step, stop - j)
+            last = expect + n * csize
+            if last < 1 << 64 and table[j : j + n] == array("Q", range(expect, last, csize)):
+                j, expect, step = j + n, last, step * 2
+                continue
+            while table[j] == expect:  # the stretch ends inside this probe
+                j += 1
+                expect += csize
+            return j
         return j
 
     def _extended_l2_pieces(
