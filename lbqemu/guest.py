@@ -260,7 +260,8 @@ async def _freeze(agent: GuestAgent, report: FreezeReport) -> bool:
     """Ask for the freeze; record a refusal in the report. Returns whether a freeze was sent.
 
     Not sent when the guest is already frozen by someone else: that freeze is not ours to undo.
-    A timeout or a lost connection after sending raises, once the thaw has been attempted.
+    A timeout, a lost connection or a cancellation while the freeze is in flight raises, once
+    the thaw has been attempted (the agent runs commands in order: the thaw follows the freeze).
     """
     try:
         if await agent.fsfreeze_status() == "frozen":
@@ -272,7 +273,8 @@ async def _freeze(agent: GuestAgent, report: FreezeReport) -> bool:
         pass  # status not offered by this agent: go on with the freeze
     try:
         count = await agent.fsfreeze_freeze()
-    except (GuestAgentTimeoutError, GuestAgentUnavailableError):
+    except (GuestAgentTimeoutError, GuestAgentUnavailableError, asyncio.CancelledError):
+        # The freeze may have happened (or may still happen): undo it before giving up.
         await _thaw_even_if_cancelled(agent, report)
         raise
     except GuestAgentError as exc:
