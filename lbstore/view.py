@@ -159,13 +159,15 @@ class ChainView:
         for layer, image in enumerate(self._images):
             if not pending:
                 break
-            inside: list[tuple[int, int]] = []
-            for s, e in pending:
-                limit = min(e, image.virtual_size)
-                if s < limit:
-                    inside.append((s, limit))
-                if max(s, limit) < e:  # past this file's end: zeros, as QEMU reads them
-                    found.append(_Segment(max(s, limit), e, ViewKind.ZERO, -1, 0))
+            inside = pending
+            if pending[-1][1] > image.virtual_size:
+                inside = []
+                for s, e in pending:
+                    limit = min(e, image.virtual_size)
+                    if s < limit:
+                        inside.append((s, limit))
+                    if max(s, limit) < e:  # past this file's end: zeros, as QEMU reads them
+                        found.append(_Segment(max(s, limit), e, ViewKind.ZERO, -1, 0))
             pending = self._layer_runs(layer, image, inside, found) if inside else []
         found.extend(_Segment(s, e, ViewKind.ZERO, -1, 0) for s, e in pending)
         found.sort(key=lambda seg: seg.start)
@@ -176,20 +178,34 @@ class ChainView:
         layer: int, image: Qcow2Image, wanted: list[tuple[int, int]], found: list[_Segment]
     ) -> list[tuple[int, int]]:
         """Add what `image` itself stores within the sorted `wanted` ranges to `found`;
-        return the parts it leaves to its backing file."""
+        return the parts it leaves to its backing file.
+
+        A BACKING run passes the wanted ranges inside it through as a slice, so a mostly
+        unallocated overlay costs O(its own runs), not O(fragments below it).
+        """
         backing: list[tuple[int, int]] = []
+        starts = [w[0] for w in wanted]
         first, last = wanted[0][0], wanted[-1][1]
         i = 0
         for run in image.runs(first, last - first):
-            run_end = run.guest_offset + run.length
-            while i < len(wanted) and wanted[i][1] <= run.guest_offset:
+            run_start, run_end = run.guest_offset, run.guest_offset + run.length
+            while i < len(wanted) and wanted[i][1] <= run_start:
                 i += 1
-            j = i
-            while j < len(wanted) and wanted[j][0] < run_end:
-                lo, hi = max(run.guest_offset, wanted[j][0]), min(run_end, wanted[j][1])
+            j = bisect.bisect_left(starts, run_end, lo=i)
+            if i >= j:
+                continue
+            if run.kind is RunKind.BACKING:
+                part = wanted[i:j]
+                if part[0][0] < run_start:
+                    part[0] = (run_start, part[0][1])
+                if part[-1][1] > run_end:
+                    part[-1] = (part[-1][0], run_end)
+                backing.extend(part)
+                continue
+            for lo, hi in wanted[i:j]:
+                lo, hi = max(lo, run_start), min(hi, run_end)
                 if lo < hi:
                     _add_piece(run, layer, lo, hi, found, backing)
-                j += 1
         return backing
 
     def _segments(self, offset: int, end: int) -> Iterator[_Segment]:
