@@ -44,8 +44,8 @@ _ALL_SUBCLUSTERS = (1 << fmt.SUBCLUSTERS_PER_CLUSTER) - 1
 _ZERO_NOT_COMPRESSED = fmt.QCOW_OFLAG_ZERO | fmt.QCOW_OFLAG_COMPRESSED
 # An entry is unallocated (read from the backing file) when none of these bits is set.
 _UNALLOCATED_TEST = fmt.QCOW_OFLAG_COMPRESSED | fmt.QCOW_OFLAG_ZERO | fmt.L2E_OFFSET_MASK
-_MAX_PREAD = 1 << 30
-_PROBE = 8  # first stretch of L2 entries compared at C speed  # Linux caps one read at ~2 GiB; stay well below it
+_MAX_PREAD = 1 << 30  # Linux caps one read at ~2 GiB; stay well below it
+_PROBE = 8  # first stretch of L2 entries compared at C speed
 
 
 class RunKind(enum.Enum):
@@ -95,7 +95,7 @@ def _zero_entries_end(table: array, j: int, stop: int) -> int:
         if table[j : j + n].count(0) == n:
             j, step = j + n, step * 2
             continue
-        while table[j] == 0:  # the stretch ends inside this probe
+        while j < stop and table[j] == 0:  # the stretch ends in this probe
             j += 1
         return j
     return j
@@ -428,7 +428,7 @@ class Qcow2Image(_ImageBase):
             if last < 1 << 64 and table[j : j + n] == array("Q", range(expect, last, csize)):
                 j, expect, step = j + n, last, step * 2
                 continue
-            while table[j] == expect:  # the stretch ends inside this probe
+            while j < stop and table[j] == expect:  # the stretch ends in this probe
                 j += 1
                 expect += csize
             return j
