@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import os
+import stat
 import sys
 import threading
 from array import array
@@ -112,16 +113,29 @@ class _File:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; no effect on files.
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise Qcow2Error(path, f"cannot open: {exc.strerror or exc}") from exc
         try:
-            st = os.fstat(self.fd)
-        except OSError as exc:
+            self.size = self._size()
+        except BaseException:
             os.close(self.fd)
-            raise Qcow2Error(path, f"cannot stat: {exc.strerror or exc}") from exc
-        self.identity = (st.st_dev, st.st_ino)
-        self.size = st.st_size
+            raise
+
+    def _size(self) -> int:
+        """The file's size; only regular files and block devices can hold a disk image."""
+        try:
+            st = os.fstat(self.fd)
+            self.identity = (st.st_dev, st.st_ino)
+            if stat.S_ISREG(st.st_mode):
+                return st.st_size
+            if stat.S_ISBLK(st.st_mode):
+                return os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as exc:
+            raise Qcow2Error(self.path, f"cannot stat: {exc.strerror or exc}") from exc
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise Qcow2Error(self.path, f"{kind}: cannot hold a disk image")
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes at `offset`; short only at end of file."""

@@ -6,6 +6,7 @@ Images are written by qemu-img/qemu-io, then damaged on purpose (fields named as
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import struct
 import subprocess
@@ -276,8 +277,12 @@ def test_backing_format_not_supported(tmp_path: Path) -> None:
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(Qcow2Error, match="cannot open"):
         open_image(tmp_path / "absent.qcow2")
-    with pytest.raises(Qcow2Error):
+    with pytest.raises(Qcow2Error, match="a directory"):
         Qcow2Image.open(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(Qcow2Error, match="not a regular file"):  # and does not block
+        open_image(fifo)
 
 
 def test_unknown_incompatible_feature_is_named_from_the_feature_table(
