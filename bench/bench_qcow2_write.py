@@ -2,7 +2,7 @@
 
 Each tool reads the same raw file (random bytes from os.urandom) and writes a qcow2 with
 64 KiB clusters, in a child process timed as a whole command; best of LBR_BENCH_ROUNDS
-rounds (default 3), rotating which tool goes first. Our child reads the raw file in 4 MiB
+rounds (default 5), rotating which tool goes first. Our child reads the raw file in 4 MiB
 chunks (the next chunk read ahead in a thread) and hands them to Qcow2Writer.write().
 
 qemu-img convert's default output cache mode is "unsafe": it never flushes the data, while
@@ -119,7 +119,7 @@ def best_of(rounds: int, raw: Path, folder: Path) -> tuple[dict[str, float], flo
 
 def main() -> None:
     size = int(os.environ.get("LBR_BENCH_MIB", "1024")) * MIB
-    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "3"))
+    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "5"))
     workdir = os.environ.get("LBR_BENCH_DIR")
     folder = Path(tempfile.mkdtemp(prefix="bench-qcow2-write-", dir=workdir))
     try:
