@@ -185,12 +185,12 @@ class ChainView:
         """
         backing: list[tuple[int, int]] = []
         starts = [w[0] for w in wanted]
+        ends = [w[1] for w in wanted]
         first, last = wanted[0][0], wanted[-1][1]
         i = 0
         for run in image.runs(first, last - first):
             run_start, run_end = run.guest_offset, run.guest_offset + run.length
-            while i < len(wanted) and wanted[i][1] <= run_start:
-                i += 1
+            i = bisect.bisect_right(ends, run_start, lo=i)
             j = bisect.bisect_left(starts, run_end, lo=i)
             if i >= j:
                 continue
