@@ -324,6 +324,17 @@ class Index:
             )
         )
 
+    def committed_point(self, point_id: int) -> dict[str, Any] | None:
+        """One committed restore point's row, or None."""
+        rows = list(
+            self.db.query(
+                "SELECT id, vm, created, kind, definition FROM restore_points "
+                "WHERE id = ? AND state = 'committed'",
+                [point_id],
+            )
+        )
+        return rows[0] if rows else None
+
     def point_disks(self, point_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """The disk rows of the given points (all committed ones when None), by point and name."""
         if point_ids is None:

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from lbstore.errors import IngestError, Qcow2Error, Qcow2WriteError, StoreError, StoreSpaceError
+from lbstore.errors import (
+    IngestError,
+    Qcow2Error,
+    Qcow2WriteError,
+    StoreError,
+    StoreIntegrityError,
+    StoreSpaceError,
+)
 from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, ChecksumChunk, CommitDisk, CommitRecord
 from lbstore.model import DISK_MODES, RestorePoint, as_utc, parse_utc
 from lbstore.names import check_disk_name
@@ -319,12 +326,51 @@ class Ingest:
         size = cluster_size or (previous["cluster_size"] if previous else 65536)
         if previous is None or mode == "full" or previous["cluster_size"] != size:
             mode, previous = "full", None
-        backing = None if previous is None else f"{previous['point_id']}.qcow2"
-        disk = self._guard(
-            lambda: self._make_disk(name, virtual_size, size, mode, previous, backing)
-        )
+        view = self._previous_view(name, mode, previous)
+        if view is None:
+            mode, previous = "full", None
+        elif mode == "incremental":
+            view.close()  # the chain is intact; an incremental does not compare checksums
+            view = None
+        try:
+            disk = self._guard(
+                lambda: self._make_disk(name, virtual_size, size, mode, previous, view)
+            )
+        except BaseException:
+            if view is not None:
+                view.close()
+            raise
         self.disks[name] = disk
         return disk
+
+    def _previous_view(
+        self, name: str, mode: str, previous: dict[str, Any] | None
+    ) -> ChainView | None:
+        """The previous point's view of the disk, checking its chain can be read.
+
+        A broken chain (a file missing or damaged) cannot carry an incremental: the caller
+        sent only changes, so that is an error. A resync sends everything: it starts a full.
+        """
+        if previous is None:
+            return None
+        try:
+            point = self.store.point(previous["point_id"])
+            return self.store.view(point, name)
+        except StoreError as exc:
+            if mode == "incremental":
+                raise StoreIntegrityError(
+                    self.store.data_dir / previous["file"],
+                    f"the chain of disk {name} cannot be read ({exc}); "
+                    "an incremental cannot go on it: back up with a resync or a full",
+                ) from exc
+            self.store.record_event(
+                self.vm,
+                "chain-broken",
+                f"disk {name}: previous chain unreadable, storing a full file",
+                disk=name,
+                error=str(exc),
+            )
+            return None
 
     def _make_disk(
         self,
@@ -333,8 +379,9 @@ class Ingest:
         cluster_size: int,
         mode: str,
         previous: dict[str, Any] | None,
-        backing: str | None,
+        view: ChainView | None,
     ) -> DiskIngest:
+        backing = None if previous is None else f"{previous['point_id']}.qcow2"
         writer = Qcow2Writer(
             self.tmp_dir / f"{name}.qcow2",
             virtual_size,
@@ -342,11 +389,7 @@ class Ingest:
             backing_file=backing,
             backing_format="qcow2" if backing else None,
         )
-        view = lookup = None
-        if mode == "resync" and previous is not None:
-            point = self.store.point(previous["point_id"])
-            view = self.store.view(point, name)
-            lookup = ChecksumLookup(self.store.index, name)
+        lookup = ChecksumLookup(self.store.index, name) if view is not None else None
         return DiskIngest(
             self,
             name,

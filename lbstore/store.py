@@ -237,10 +237,10 @@ class Store:
 
     def point(self, point_id: int) -> RestorePoint:
         """The committed restore point with this id."""
-        for candidate in self.restore_points():
-            if candidate.id == point_id:
-                return candidate
-        raise StoreError(f"no committed restore point #{point_id}")
+        row = self._index.committed_point(point_id)
+        if row is None:
+            raise StoreError(f"no committed restore point #{point_id}")
+        return _point_from_rows(row, self._index.point_disks([point_id]))
 
     def vms(self) -> list[str]:
         """Names of VMs with committed restore points."""

@@ -440,3 +440,18 @@ def test_a_missing_committed_file_is_reported_not_hidden(store_path: Path) -> No
     assert stray.exists()
     with Store.open(store_path, write=True) as store:  # reported once, not at every open
         assert len(store.events(kind="integrity")) == 2
+
+
+def test_a_broken_chain_refuses_incrementals_and_resyncs_into_a_full(store_path: Path) -> None:
+    data = bytes(random_disk(MIB, 16))
+    with Store.open(store_path, write=True) as store:
+        p1 = put(store, "vm1", {"vda": data})
+    (store_path / "data" / p1.disks[0].file).unlink()
+    with Store.open(store_path, write=True) as store:
+        with store.begin("vm1") as ingest, pytest.raises(StoreIntegrityError, match="resync"):
+            ingest.add_disk("vda", MIB, mode="incremental")
+        p2 = put(store, "vm1", {"vda": data}, mode="resync")
+        assert p2.kind == "full" and p2.disks[0].backing_point_id is None
+        assert [e["kind"] for e in store.events("vm1", kind="chain-broken")] == ["chain-broken"]
+        with store.view(p2, "vda") as view:
+            assert view.read(0, MIB) == data
