@@ -35,7 +35,13 @@ from lbstore.errors import (
     StoreIntegrityError,
     StoreSpaceError,
 )
-from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, ChecksumChunk, CommitDisk, CommitRecord
+from lbstore.index import (
+    CHECKSUM_CHUNK_CLUSTERS,
+    DIGEST_SIZE,
+    ChecksumChunk,
+    CommitDisk,
+    CommitRecord,
+)
 from lbstore.model import DISK_MODES, RestorePoint, as_utc, parse_utc
 from lbstore.names import check_disk_name
 from lbstore.qcow2.writer import Qcow2Writer
@@ -82,7 +88,8 @@ class _Digests:
             indexes, digests = self._chunks[chunk]
             order = sorted(range(len(indexes)), key=indexes.__getitem__)
             if order != list(range(len(indexes))):
-                digests = bytearray(b"".join(bytes(digests[i * 32 : i * 32 + 32]) for i in order))
+                size = DIGEST_SIZE
+                digests = bytearray(b"".join(digests[i * size : (i + 1) * size] for i in order))
                 indexes = array("I", (indexes[i] for i in order))
             out.append(ChecksumChunk(chunk, _to_runs(indexes), bytes(digests)))
         return tuple(out)

@@ -15,8 +15,10 @@ Writing a restore point lives in lbstore.ingest, reading one in lbstore.view.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,8 +56,6 @@ def fsync_dir(path: Path) -> None:
 
 
 def _point_from_rows(row: dict[str, Any], disk_rows: list[dict[str, Any]]) -> RestorePoint:
-    import json
-
     disks = tuple(
         DiskRecord(
             name=d["disk"],
@@ -135,10 +135,11 @@ class Store:
             if not os.access(root, os.W_OK):
                 raise StorePathError(root, "the store folder is not writable")
             index = Index.open(root / INDEX_NAME, readonly=False)
-        except BaseException as exc:
+        except (OSError, sqlite3.Error) as exc:
             lock.release()
-            if isinstance(exc, OSError | _sqlite_error()):
-                raise StorePathError(root, f"cannot open the index for writing: {exc}") from exc
+            raise StorePathError(root, f"cannot open the index for writing: {exc}") from exc
+        except BaseException:
+            lock.release()
             raise
         store = cls(root, index, write=True, lock=lock)
         try:
@@ -343,20 +344,12 @@ class Store:
         return self._index
 
 
-def _sqlite_error() -> type[Exception]:
-    import sqlite3
-
-    return sqlite3.Error
-
-
 def _open_index_for_reading(root: Path) -> Index:
     """A reader's index: read-write connection when possible (events), else immutable read-only.
 
     A WAL database on a read-only filesystem cannot be opened normally once its -shm file is gone,
     so there it is opened as immutable: nothing can change it anyway.
     """
-    import sqlite3
-
     path = root / INDEX_NAME
     try:
         if os.access(root, os.W_OK):

@@ -455,3 +455,17 @@ def test_a_broken_chain_refuses_incrementals_and_resyncs_into_a_full(store_path:
         assert [e["kind"] for e in store.events("vm1", kind="chain-broken")] == ["chain-broken"]
         with store.view(p2, "vda") as view:
             assert view.read(0, MIB) == data
+
+
+def test_runs_in_any_order_keep_their_checksums_in_guest_order(store_path: Path) -> None:
+    clusters = [bytes([i + 1]) * CS for i in range(16)]
+    with Store.open(store_path, write=True) as store:
+        with store.begin("vm1") as ingest:
+            disk = ingest.add_disk("vda", 16 * CS)
+            for i in (9, 3, 15, 0, 4, 5, 12, 1, 2, 6, 7, 8, 10, 11, 13, 14):
+                disk.write(i * CS, clusters[i])
+            point = ingest.commit()
+        digests = list(store.stored_clusters(point, "vda"))
+        assert digests == [(i, blake3.blake3(clusters[i]).digest()) for i in range(16)]
+        with store.view(point, "vda") as view:
+            assert view.read(0, 16 * CS) == b"".join(clusters)
