@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +30,16 @@ import blake3
 
 from lbrestore.errors import AppError
 from lbrestore.vmdef import HostDefinition, RestoredDisk, write_host_definition
+from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, DIGEST_SIZE
 from lbstore.model import RestorePoint
 from lbstore.names import check_vm_name
 from lbstore.qcow2.writer import Qcow2Writer
 from lbstore.store import Store
-from lbstore.view import ChainView, ChecksumLookup, ViewKind, ViewRun, zero_digest
+from lbstore.view import ChainView, ViewKind, ViewRun, zero_digest
 
 CHUNK = 8 << 20
 """Guest bytes read per step: large sequential reads, bounded memory (a multiple of clusters)."""
+PREFETCH_BUFFERS = 3
 NBD_IN_FLIGHT = 8
 NBD_MAX_ZERO = 1 << 30
 FORMATS = ("qcow2", "raw")
@@ -228,36 +232,141 @@ def _split(run: ViewRun) -> Iterator[ViewRun]:
         pos = stop
 
 
+class _ChainDigests:
+    """The recorded digests of every file of a chain, one checksum chunk at a time.
+
+    Restore walks the disk in guest order, so all digests of the current chunk (65536 clusters)
+    of all files of the chain are loaded together into one dict, and dropped when the walk moves
+    on: memory is bounded by one chunk, and each index row is read once.
+    """
+
+    def __init__(self, store: Store, disk: str, point_ids: Sequence[int]) -> None:
+        self.index, self.disk, self.point_ids = store.index, disk, point_ids
+        self.chunk = -1
+        self.digests: dict[tuple[int, int], bytes] = {}
+
+    def get(self, point_id: int, cluster: int) -> bytes | None:
+        """The digest recorded for `cluster` in `point_id`'s own file, or None."""
+        chunk = cluster // CHECKSUM_CHUNK_CLUSTERS
+        if chunk != self.chunk:
+            self._load(chunk)
+        return self.digests.get((point_id, cluster))
+
+    def _load(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.digests = {}
+        for point_id in self.point_ids:
+            row = self.index.checksum_chunk(point_id, self.disk, chunk)
+            if row is None:
+                continue
+            base = chunk * CHECKSUM_CHUNK_CLUSTERS
+            position = 0
+            for first, count in row.runs:
+                for cluster in range(base + first, base + first + count):
+                    self.digests[(point_id, cluster)] = row.digests[
+                        position : position + DIGEST_SIZE
+                    ]
+                    position += DIGEST_SIZE
+
+
+class _Prefetcher:
+    """Walks a view and reads its data batches in a thread, PREFETCH_BUFFERS ahead.
+
+    The view is used by the reader thread only (it is not thread-safe); the consumer gets
+    (zero range, None) or (batch, filled buffer) in guest order and hands each buffer back
+    with `release` once written.
+    """
+
+    def __init__(self, view: ChainView) -> None:
+        self.view = view
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(PREFETCH_BUFFERS):
+            self.free.put(bytearray(CHUNK))
+        self.ready: queue.Queue[tuple[object, bytearray | None]] = queue.Queue(PREFETCH_BUFFERS * 4)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._read_all, name="restore-reader", daemon=True)
+
+    def __enter__(self) -> _Prefetcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.ready.get(timeout=0.1)  # unblock a reader waiting on a full queue
+            self.free.put(bytearray(0))  # unblock a reader waiting for a buffer
+        self.thread.join()
+
+    def __iter__(self) -> Iterator[tuple[_Batch | tuple[int, int], bytearray | None]]:
+        while True:
+            item, buffer = self.ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item, buffer  # type: ignore[misc]
+
+    def release(self, buffer: bytearray) -> None:
+        """Give a buffer back to the reader."""
+        self.free.put(buffer)
+
+    def _read_all(self) -> None:
+        try:
+            for item in _walk(self.view):
+                if self.stopping.is_set():
+                    return
+                if isinstance(item, tuple):
+                    self.ready.put((item, None))
+                    continue
+                buffer = self.free.get()
+                if self.stopping.is_set():
+                    return
+                # The batch holds only DATA/COMPRESSED runs, so readinto fills all of it.
+                self.view.readinto(item.start, memoryview(buffer)[: item.end - item.start])
+                self.ready.put((item, buffer))
+            self.ready.put((_DONE, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self.ready.put((exc, None))
+
+
+_DONE = object()
+
+
 class _Flattener:
     """Reads a view's data, verifies each cluster's digest and feeds non-zero clusters to a sink."""
 
-    def __init__(self, store: Store, point: RestorePoint, disk: str, view: ChainView) -> None:
+    def __init__(
+        self, store: Store, point: RestorePoint, disk: str, view: ChainView, *, verify: bool
+    ) -> None:
         self.point, self.disk, self.view = point, disk, view
         self.size = view.cluster_size
-        self.lookup = ChecksumLookup(store.index, disk)
+        self.lookup = _ChainDigests(store, disk, [p.id for p in store.chain(point, disk)])
         self.zero_digest = zero_digest(self.size)
-        self.buffer = bytearray(CHUNK)
+        self.zero_cluster = bytes(self.size)
         self.result = DiskResult(disk, "", "", view.virtual_size)
+        self.verify = verify
 
     def run(self, sink: _Sink, progress: Progress | None) -> None:
-        """Copy the whole disk into `sink`."""
-        for item in _walk(self.view):
-            if isinstance(item, tuple):
-                sink.zero(*item)
+        """Copy the whole disk into `sink`: a reader thread walks the view and fills buffers
+        while this thread checks digests and writes, so reads and writes overlap."""
+        with _Prefetcher(self.view) as prefetched:
+            for item, buffer in prefetched:
+                if isinstance(item, tuple):
+                    sink.zero(*item)
+                    done = item[1]
+                else:
+                    assert buffer is not None
+                    view = memoryview(buffer)[: item.end - item.start]
+                    if self.verify:
+                        nonzero = self._verified_nonzero(item, view)
+                    else:
+                        nonzero = self._nonzero(view)
+                    self._emit(item.start, view, nonzero, sink)
+                    prefetched.release(buffer)
+                    done = item.end - item.start
                 if progress is not None:
-                    progress(item[1])
-                continue
-            self._batch(item, sink)
-            if progress is not None:
-                progress(item.end - item.start)
-
-    def _batch(self, batch: _Batch, sink: _Sink) -> None:
-        length = batch.end - batch.start
-        view = memoryview(self.buffer)[:length]
-        # The batch holds only DATA/COMPRESSED runs, so readinto fills all of `view`.
-        self.view.readinto(batch.start, view)
-        nonzero = self._verified_nonzero(batch, view)
-        self._emit(batch.start, view, nonzero, sink)
+                    progress(done)
 
     def _verified_nonzero(self, batch: _Batch, view: memoryview) -> list[bool]:
         """Per cluster of the batch: True when it holds data; every cluster checked on the way."""
@@ -273,7 +382,7 @@ class _Flattener:
             digest = blake3.blake3(chunk).digest()
             point_id = owner[i]
             if point_id is not None:
-                expected = self.lookup.digest(point_id, first + i)
+                expected = self.lookup.get(point_id, first + i)
                 if expected is not None:
                     if digest != expected:
                         raise RestoreChecksumError(
@@ -282,6 +391,16 @@ class _Flattener:
                     self.result.verified_clusters += 1
             nonzero.append(digest != self.zero_digest)
         return nonzero
+
+    def _nonzero(self, view: memoryview) -> list[bool]:
+        """Per cluster: True when it holds data (no checksums: `--no-verify`)."""
+        size = self.size
+        result = []
+        for at in range(0, len(view), size):
+            # store data is almost never zero: its first byte usually decides at once
+            piece = view[at : at + size]
+            result.append(piece[0] != 0 or bytes(piece) != self.zero_cluster[: len(piece)])
+        return result
 
     def _owners(self, batch: _Batch, first: int, count: int) -> list[int | None]:
         """The point whose file stores each whole cluster of the batch (None: mixed or none)."""
@@ -321,12 +440,19 @@ class _Flattener:
 
 
 def flatten_disk(
-    store: Store, point: RestorePoint, disk: str, sink: _Sink, progress: Progress | None = None
+    store: Store,
+    point: RestorePoint,
+    disk: str,
+    sink: _Sink,
+    progress: Progress | None = None,
+    *,
+    verify: bool = True,
 ) -> DiskResult:
-    """Copy `disk` at `point` into `sink`, verifying checksums; abort the sink on any failure."""
+    """Copy `disk` at `point` into `sink`, checking every stored cluster against its recorded
+    digest unless `verify` is False; abort the sink on any failure."""
     try:
         with store.view(point, disk) as view:
-            flattener = _Flattener(store, point, disk, view)
+            flattener = _Flattener(store, point, disk, view, verify=verify)
             flattener.run(sink, progress)
         sink.finish()
     except BaseException:
@@ -377,6 +503,7 @@ def restore_to_folder(
     force: bool = False,
     disks: Sequence[str] | None = None,
     progress: Progress | None = None,
+    verify: bool = True,
 ) -> RestoreResult:
     """Restore `point`'s disks into `target` as standalone images plus the VM definition."""
     if fmt not in FORMATS:
@@ -393,7 +520,7 @@ def restore_to_folder(
     result = RestoreResult(point)
     temps: list[tuple[Path, Path]] = []
     try:
-        _write_disks(store, point, target, fmt, names, result, temps, progress)
+        _write_disks(store, point, target, fmt, names, result, temps, progress, verify)
         restored = [RestoredDisk(d.name, Path(d.target), fmt, d.virtual_size) for d in result.disks]
         result.definition = write_host_definition(
             point.definition, restored, target, name=new_name, file_suffix=TEMP_SUFFIX
@@ -428,6 +555,7 @@ def _write_disks(
     result: RestoreResult,
     temps: list[tuple[Path, Path]],
     progress: Progress | None,
+    verify: bool,
 ) -> None:
     """Flatten each disk to a temporary file in `target`, remembering (temp, final) pairs."""
     for disk in names:
@@ -442,7 +570,7 @@ def _write_disks(
             sink = _Qcow2Sink(temp, record.virtual_size, record.cluster_size)
         else:
             sink = _RawSink(temp, record.virtual_size)
-        disk_result = flatten_disk(store, point, disk, sink, progress)
+        disk_result = flatten_disk(store, point, disk, sink, progress, verify=verify)
         disk_result.target, disk_result.format = str(final), fmt
         result.disks.append(disk_result)
 
@@ -550,6 +678,7 @@ def restore_to_nbd(
     *,
     disks: Sequence[str] | None = None,
     progress: Progress | None = None,
+    verify: bool = True,
 ) -> RestoreResult:
     """Stream one disk of `point` to the NBD export at `uri` (which must be large enough)."""
     names = ordered_disks(point, disks)
@@ -561,6 +690,6 @@ def restore_to_nbd(
     record = point.disk(names[0])
     assert record is not None
     sink = _NbdSink(uri, record.virtual_size)
-    disk_result = flatten_disk(store, point, names[0], sink, progress)
+    disk_result = flatten_disk(store, point, names[0], sink, progress, verify=verify)
     disk_result.target, disk_result.format = uri, "nbd"
     return RestoreResult(point, [disk_result])

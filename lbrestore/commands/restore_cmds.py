@@ -80,6 +80,11 @@ def _progress(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
     help="Restore only this disk (repeatable; an NBD target takes exactly one).",
 )
 @click.option("--force", is_flag=True, help="Restore into a folder that already has files.")
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Do not check clusters against their checksums while restoring (faster).",
+)
 @json_option
 def restore_command(
     address: str,
@@ -88,6 +93,7 @@ def restore_command(
     new_name: str | None,
     disks: tuple[str, ...],
     force: bool,
+    no_verify: bool,
     as_json: bool,
 ) -> None:
     """Rebuild standalone disks of a restore point, plus a VM definition for a new host.
@@ -105,7 +111,13 @@ def restore_command(
     else:
         check_target_folder(Path(target), force=force)
     result = _run_restore(
-        address=address, target=target, fmt=fmt, new_name=new_name, disks=disks, force=force
+        address=address,
+        target=target,
+        fmt=fmt,
+        new_name=new_name,
+        disks=disks,
+        force=force,
+        verify=not no_verify,
     )
     if as_json:
         echo_json(result.as_dict())
@@ -122,13 +134,16 @@ def _run_restore(
     new_name: str | None,
     disks: tuple[str, ...],
     force: bool,
+    verify: bool,
 ) -> RestoreResult:
     point = store.resolve(address)
     names = ordered_disks(point, disks)
     total = sum(d.virtual_size for d in point.disks if d.name in names)
     with _progress(f"restoring {point.vm}@#{point.id}", total) as progress:
         if is_nbd_uri(target):
-            return restore_to_nbd(store, point, target, disks=disks, progress=progress)
+            return restore_to_nbd(
+                store, point, target, disks=disks, progress=progress, verify=verify
+            )
         return restore_to_folder(
             store,
             point,
@@ -138,6 +153,7 @@ def _run_restore(
             force=force,
             disks=disks,
             progress=progress,
+            verify=verify,
         )
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lbstore.qcow2.reader import Qcow2Image
 from lbstore.store import Store
 
 CLUSTER = 65536
@@ -209,3 +211,18 @@ def compare(a: Path, b: Path, fmt_a: str = "qcow2") -> subprocess.CompletedProce
         text=True,
         check=False,
     )
+
+
+def l2_entry_offset(path: Path, guest_offset: int) -> int:
+    """File offset of the L2 entry mapping `guest_offset` (qcow2.txt: L1 -> L2 -> cluster)."""
+    with Qcow2Image.open(path, backing=False) as image:
+        cluster_bits, l1_offset = image.cluster_bits, image.header.l1_table_offset
+    l2_bits = cluster_bits - 3
+    l1_index, l2_index = (
+        guest_offset >> (cluster_bits + l2_bits),
+        (guest_offset >> cluster_bits) & ((1 << l2_bits) - 1),
+    )
+    with path.open("rb") as f:
+        f.seek(l1_offset + 8 * l1_index)
+        (l1_entry,) = struct.unpack(">Q", f.read(8))
+    return (l1_entry & 0x00FF_FFFF_FFFF_FE00) + 8 * l2_index

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -18,6 +19,7 @@ from restore_store import (
     KnownStore,
     build_store,
     compare,
+    l2_entry_offset,
     lbrestore,
     qemu_img_json,
 )
@@ -261,3 +263,35 @@ def test_damaged_store_fails_the_restore_and_leaves_nothing(
     again = lbrestore(store, "restore", "vm1@latest", "--to", str(existing), "--force")
     assert again.returncode == 1
     assert sorted(p.name for p in existing.iterdir()) == ["keep"]
+
+
+def test_no_verify_skips_checksums_and_a_read_error_fails_cleanly(
+    known: KnownStore, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(known.path, store)
+    point = known.point_ids[-1]
+    top = store / "data" / "vm1" / "vdb" / f"{point}.qcow2"
+    first = next(r for r in qemu_img_json("map", top) if r["data"] and r["depth"] == 0)
+    os.chmod(top, 0o644)
+    with top.open("r+b") as f:
+        f.seek(first["offset"])
+        f.write(b"\x00damaged\x00")
+    unchecked = lbrestore(
+        store, "restore", "vm1@latest", "--to", str(tmp_path / "a"), "--no-verify", "--disk", "vdb"
+    )
+    assert unchecked.returncode == 0, unchecked.stderr  # the damage goes unnoticed...
+    assert compare(tmp_path / "a" / "vdb.qcow2", known.expected[(point, "vdb")]).returncode == 1
+
+    vda_top = store / "data" / "vm1" / "vda" / f"{point}.qcow2"
+    last = [r for r in qemu_img_json("map", vda_top) if r["data"] and r["depth"] == 0][-1]
+    os.chmod(vda_top, 0o644)
+    with vda_top.open("r+b") as f:  # its last data cluster now lies far past the end of file
+        f.seek(l2_entry_offset(vda_top, last["start"]))
+        f.write(struct.pack(">Q", (1 << 63) | (1 << 40)))
+    out = tmp_path / "b"
+    result = lbrestore(store, "restore", "vm1@latest", "--to", str(out), "--no-verify")
+    assert result.returncode == 1, result.stderr
+    assert "past end of file" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -10,9 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from restore_store import KnownStore, build_store, lbrestore, qemu_img_json
-
-from lbstore.qcow2.reader import Qcow2Image
+from restore_store import KnownStore, build_store, l2_entry_offset, lbrestore, qemu_img_json
 
 # vm1: points 1..5 of vda and vdb; vda starts a new chain at point 4 (a full), so vda's chains
 # are 1 <- 2 <- 3 and 4 <- 5, while vdb's is 1 <- 2 <- 3 <- 4 <- 5. vm2 shares the store.
@@ -95,21 +93,6 @@ def test_damage_in_an_old_file_of_a_long_chain_damages_every_later_point(store: 
     code, report = verify(store)
     assert code == 3
     assert damaged_ids(report) == [1, 2, 3, 4, 5]  # vdb never restarted its chain
-
-
-def l2_entry_offset(path: Path, guest_offset: int) -> int:
-    """File offset of the L2 entry mapping `guest_offset` (qcow2.txt: L1 -> L2 -> cluster)."""
-    with Qcow2Image.open(path, backing=False) as image:
-        cluster_bits, l1_offset = image.cluster_bits, image.header.l1_table_offset
-    l2_bits = cluster_bits - 3
-    l1_index, l2_index = (
-        guest_offset >> (cluster_bits + l2_bits),
-        (guest_offset >> cluster_bits) & ((1 << l2_bits) - 1),
-    )
-    with path.open("rb") as f:
-        f.seek(l1_offset + 8 * l1_index)
-        (l1_entry,) = struct.unpack(">Q", f.read(8))
-    return (l1_entry & 0x00FF_FFFF_FFFF_FE00) + 8 * l2_index
 
 
 def test_flipped_byte_in_an_l2_table(store: Path) -> None:

@@ -1,0 +1,91 @@
+"""Shared by bench_restore.py and bench_verify.py: a store holding a deep chain of one disk.
+
+The chain is written through the Store API (the ingest that backups use): a full restore point
+with FULL_SHARE of the disk as data (random bytes), then DEPTH-1 incrementals that each rewrite
+a random INCREMENT_SHARE of the clusters and zero a few. Guest content is generated from a seed,
+so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+MIB = 1 << 20
+CLUSTER = 65536
+FULL_SHARE = 0.6
+INCREMENT_SHARE = 0.02
+VM = "benchvm"
+DISK = "vda"
+
+
+def settings() -> tuple[int, int, int]:
+    """(disk bytes, chain depth, rounds) from LBR_BENCH_MIB, LBR_BENCH_DEPTH, LBR_BENCH_ROUNDS."""
+    size = int(os.environ.get("LBR_BENCH_MIB", "1024")) * MIB
+    depth = int(os.environ.get("LBR_BENCH_DEPTH", "25"))
+    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "3"))
+    return size, depth, rounds
+
+
+def build_chain(store_path: Path, size: int, depth: int, seed: int = 25) -> Path:
+    """Create the store and its chain; return the path of the chain's top file."""
+    from lbstore.store import Store
+
+    rng = random.Random(seed)
+    clusters = size // CLUSTER
+    Store.init(store_path)
+    with Store.open(store_path, write=True) as store:
+        for index in range(depth):
+            with store.begin(VM) as ingest:
+                disk = ingest.add_disk(DISK, size, cluster_size=CLUSTER)
+                share = FULL_SHARE if index == 0 else INCREMENT_SHARE
+                chosen = sorted(rng.sample(range(clusters), max(1, int(clusters * share))))
+                _write_clusters(disk, chosen, rng)
+                if index:
+                    for cluster in rng.sample(range(clusters), 4):
+                        if cluster not in chosen:
+                            disk.zero(cluster * CLUSTER, CLUSTER)
+                point = ingest.commit()
+        return store.file_path(point, DISK)
+
+
+def _write_clusters(disk: object, chosen: list[int], rng: random.Random) -> None:
+    """Write the chosen clusters, neighbours together (up to 4 MiB per call)."""
+    run: list[int] = []
+    for cluster in [*chosen, -1]:
+        if run and (cluster != run[-1] + 1 or len(run) == 64):
+            data = rng.randbytes(len(run) * CLUSTER)
+            disk.write(run[0] * CLUSTER, data)  # type: ignore[attr-defined]
+            run = []
+        if cluster >= 0:
+            run.append(cluster)
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall time of a whole command and its peak RSS in KiB (after flushing dirty pages, so no
+    run pays for another's writeback)."""
+    os.sync()
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if process.stderr:
+        process.stderr.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {stderr}")
+    return elapsed, usage.ru_maxrss
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    """Evict these files (only these) from the page cache, for cold-cache runs."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

@@ -1,0 +1,111 @@
+"""Benchmark: restore (flatten) a depth-25 chain to a standalone qcow2, ours vs qemu-img.
+
+Ours: `lbrestore restore VM@latest --to DIR` (the whole command: reading through the chain
+view, checking every cluster's BLAKE3 against the index, writing a thin qcow2, fsync, rename,
+the VM definition). Theirs: `qemu-img convert -O qcow2 TOP.qcow2 OUT` on the chain's top file
+(as is: its default cache mode "unsafe" never flushes), and `-t writeback` (flushes on close,
+like ours). Best of LBR_BENCH_ROUNDS rounds (default 3), alternating who goes first; both read
+the chain from the page cache (it was just written).
+
+Prints `ratio (ours/theirs)` as throughput (their time / our time; target >= 1.0) against the
+plain command, the like-for-like ratio against `-t writeback`, and our peak RSS.
+
+Size: LBR_BENCH_MIB (default 1024), chain depth LBR_BENCH_DEPTH (default 25). Work folder:
+LBR_BENCH_DIR, else the system temp folder. Not a test: it never fails on time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _restore_chain import MIB, VM, build_chain, settings, timed
+
+
+def main() -> None:
+    size, depth, rounds = settings()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("LBR_BENCH_DIR")) as work_dir:
+        work = Path(work_dir)
+        store = work / "store"
+        print(f"building a depth-{depth} chain of a {size // MIB} MiB disk ...", flush=True)
+        top = build_chain(store, size, depth)
+        ours_cmd = [
+            sys.executable,
+            "-m",
+            "lbrestore",
+            "--store",
+            str(store),
+            "restore",
+            f"{VM}@latest",
+            "--to",
+        ]
+        times: dict[str, list[float]] = {"ours": [], "qemu-img": [], "qemu-img -t writeback": []}
+        rss = 0
+        for round_index in range(rounds):
+            order = ["ours", "qemu-img", "qemu-img -t writeback"]
+            if round_index % 2:
+                order.reverse()
+            for name in order:
+                out = work / f"out-{name.replace(' ', '_')}"
+                shutil.rmtree(out, ignore_errors=True)
+                if name == "ours":
+                    elapsed, peak = timed([*ours_cmd, str(out)])
+                    rss = max(rss, peak)
+                else:
+                    out.mkdir()
+                    cache = ["-t", "writeback"] if "writeback" in name else []
+                    elapsed, _ = timed(
+                        [
+                            "qemu-img",
+                            "convert",
+                            *cache,
+                            "-O",
+                            "qcow2",
+                            str(top),
+                            str(out / "vda.qcow2"),
+                        ]
+                    )
+                times[name].append(elapsed)
+        _check_same(work)
+        _report(times, size, rss)
+
+
+def _check_same(work: Path) -> None:
+    """Our restored disk must equal qemu-img's (a benchmark of a wrong result means nothing)."""
+    ours = work / "out-ours" / "vda.qcow2"
+    theirs = work / "out-qemu-img" / "vda.qcow2"
+    result = subprocess.run(
+        ["qemu-img", "compare", str(ours), str(theirs)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"restored disk differs from qemu-img's: {result.stdout}")
+    for name, path in (("ours", ours), ("qemu-img", theirs)):
+        print(
+            f"{name}: file size {path.stat().st_size // MIB} MiB, "
+            f"allocated {path.stat().st_blocks * 512 // MIB} MiB"
+        )
+
+
+def _report(times: dict[str, list[float]], size: int, rss_kib: int) -> None:
+    best = {name: min(values) for name, values in times.items()}
+    for name, seconds in best.items():
+        print(f"{name}: best {seconds:.3f} s ({size / MIB / seconds:.0f} MiB/s of virtual disk)")
+    print(
+        f"ratio (ours/theirs): {best['qemu-img'] / best['ours']:.2f}  "
+        "(vs `qemu-img convert -O qcow2 TOP OUT`, target >= 1.0)"
+    )
+    print(
+        f"ratio like-for-like (flush on close): "
+        f"{best['qemu-img -t writeback'] / best['ours']:.2f}  (vs `-t writeback`)"
+    )
+    print(f"peak RSS (ours): {rss_kib // 1024} MiB")
+
+
+if __name__ == "__main__":
+    main()
