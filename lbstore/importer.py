@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lbstore.errors import Qcow2Error, StoreError
+from lbstore.ingest import DiskIngest, cluster_digests
 from lbstore.model import RestorePoint
 from lbstore.names import check_disk_name
 from lbstore.qcow2.reader import Qcow2Image, RawImage, open_image
@@ -83,34 +84,35 @@ def import_images(
         with store.begin(vm, created=created) as ingest:
             for name, image in opened.items():
                 disk = ingest.add_disk(name, image.virtual_size, mode="resync")
-                _copy(image, disk.write, progress)
+                _copy(image, disk, progress)
             return ingest.commit()
     raise AssertionError("unreachable")  # pragma: no cover - the with-block returns
 
 
 def _copy(
     image: Qcow2Image | RawImage,
-    write: Callable[[int, memoryview], None],
+    disk: DiskIngest,
     progress: Progress | None,
 ) -> None:
-    """Feed every byte of `image` to `write`, CHUNK bytes at a time.
+    """Feed every byte of `image` to `disk`, CHUNK bytes at a time.
 
-    The next chunk is read in a helper thread while the current one is hashed and written
-    (reads release the GIL), into page-aligned buffers, as qemu-img overlaps its I/O.
+    A helper thread reads the next chunk into a page-aligned buffer and hashes its clusters
+    while the current chunk is written (the write releases the GIL), as qemu-img overlaps I/O.
     """
     size = image.virtual_size
     offsets = list(range(0, size, CHUNK))
     buffers = [mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK)]
+    cluster_size = disk.cluster_size
     try:
         with ThreadPoolExecutor(1) as reader:
-            pending = reader.submit(_read_chunk, image, offsets[0], buffers[0])
+            pending = reader.submit(_read_chunk, image, offsets[0], buffers[0], cluster_size)
             for i, offset in enumerate(offsets):
-                view = pending.result()
+                view, digests = pending.result()
                 if i + 1 < len(offsets):
                     pending = reader.submit(
-                        _read_chunk, image, offsets[i + 1], buffers[(i + 1) % 2]
+                        _read_chunk, image, offsets[i + 1], buffers[(i + 1) % 2], cluster_size
                     )
-                write(offset, view)
+                disk.write(offset, view, digests=digests)
                 if progress is not None:
                     progress(len(view))
                 view.release()
@@ -120,8 +122,10 @@ def _copy(
                 buffer.close()
 
 
-def _read_chunk(image: Qcow2Image | RawImage, offset: int, buffer: mmap.mmap) -> memoryview:
-    """Read the chunk at `offset` into `buffer`; a view of exactly its bytes."""
+def _read_chunk(
+    image: Qcow2Image | RawImage, offset: int, buffer: mmap.mmap, cluster_size: int
+) -> tuple[memoryview, list[bytes]]:
+    """Read the chunk at `offset` into `buffer`: a view of exactly its bytes, and its digests."""
     length = min(CHUNK, image.virtual_size - offset)
     view = memoryview(buffer)[:length]
     try:
@@ -132,4 +136,4 @@ def _read_chunk(image: Qcow2Image | RawImage, offset: int, buffer: mmap.mmap) ->
     if got != length:
         view.release()
         raise ImageError(image.path, f"short read at {offset}: the file shrank while read")
-    return view
+    return view, cluster_digests(view, cluster_size)

@@ -19,7 +19,7 @@ import errno
 import os
 import shutil
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -154,12 +154,27 @@ class DiskIngest:
                 f"size {self.cluster_size}",
             )
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Store guest data at `offset` (cluster-aligned; whole clusters or up to the disk end)."""
+    def write(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        digests: Sequence[bytes] | None = None,
+    ) -> None:
+        """Store guest data at `offset` (cluster-aligned; whole clusters or up to the disk end).
+
+        `digests`, when given, are the clusters' BLAKE3 digests from `cluster_digests()`,
+        computed by the caller elsewhere (e.g. in a read-ahead thread, overlapping the writes).
+        """
         view = memoryview(data).cast("B")
         self._check_run(offset, len(view), "write")
+        if digests is None:
+            digests = cluster_digests(view, self.cluster_size)
+        elif len(digests) != (len(view) + self.cluster_size - 1) // self.cluster_size:
+            raise IngestError(self._ingest.vm, f"disk {self.name}: one digest per cluster needed")
         self.received_bytes += len(view)
-        self._ingest._guard(lambda: self._write_clusters(offset, view))
+        known = digests
+        self._ingest._guard(lambda: self._write_clusters(offset, view, known))
 
     def zero(self, offset: int, length: int) -> None:
         """Record that `[offset, offset + length)` reads as zeros (cluster-aligned)."""
@@ -167,13 +182,11 @@ class DiskIngest:
         self.received_bytes += length
         self._ingest._guard(lambda: self._zero_clusters(offset, length))
 
-    def _write_clusters(self, offset: int, view: memoryview) -> None:
+    def _write_clusters(self, offset: int, view: memoryview, digests: Sequence[bytes]) -> None:
         size = self.cluster_size
         first = offset // size
         pending_start: int | None = None  # first cluster (relative) of a run of data to store
-        for i in range((len(view) + size - 1) // size):
-            piece = view[i * size : (i + 1) * size]
-            digest = _digest(piece, size)
+        for i, digest in enumerate(digests):
             store = self._decide(first + i, digest)
             if store == "data":
                 self._digests.add(first + i, digest)
@@ -186,7 +199,7 @@ class DiskIngest:
                 )
                 pending_start = None
             if store == "zero":
-                self._writer.write_zeroes((first + i) * size, len(piece))
+                self._writer.write_zeroes((first + i) * size, min(size, len(view) - i * size))
         if pending_start is not None:
             self._writer.write((first + pending_start) * size, view[pending_start * size :])
 
@@ -249,6 +262,15 @@ class DiskIngest:
             stored_bytes=self._writer.stored_bytes,
             checksums=self._digests.finish(),
         )
+
+
+def cluster_digests(data: bytes | bytearray | memoryview, cluster_size: int) -> list[bytes]:
+    """BLAKE3 digests of each cluster of `data` (the last one zero-padded when short)."""
+    view = memoryview(data).cast("B")
+    return [
+        _digest(view[start : start + cluster_size], cluster_size)
+        for start in range(0, len(view), cluster_size)
+    ]
 
 
 def _digest(piece: memoryview, cluster_size: int) -> bytes:
