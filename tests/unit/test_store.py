@@ -302,6 +302,8 @@ def test_bad_runs_are_refused(store_path: Path) -> None:
             disk.write(MIB, bytes(CS))
         with pytest.raises(IngestError, match="outside"):
             disk.zero(-CS, CS)
+        with pytest.raises(IngestError, match="one digest per cluster"):
+            disk.write(0, bytes(2 * CS), digests=[zero_digest(CS)])
         with pytest.raises(IngestError, match="twice"):
             ingest.add_disk("vda", MIB)
         with pytest.raises(IngestError, match="mode"):
