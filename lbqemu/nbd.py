@@ -47,7 +47,8 @@ class _Zero:
 ZERO: Final = _Zero()
 """Stands for the data of a run that reads as zeros."""
 
-Sink = Callable[[int, int, "bytes | bytearray | _Zero"], None]
+Sink = Callable[[int, int, Any], None]
+"""`sink(offset, length, data)`: data is bytes-like, `ZERO`, or `Borrowed` (borrow=True)."""
 Extent = tuple[int, int, int]  # (offset, length, flags)
 
 
@@ -229,6 +230,52 @@ def read_extents(handle: nbd.NBD, size: int, contexts: list[str]) -> dict[str, l
     return result
 
 
+class BufferPool:
+    """Reusable libnbd buffers by size class.
+
+    libnbd 1.14's Python `aio_pread` keeps a reference to every buffer it reads into, so a
+    fresh buffer per request is never freed (RSS grows with the bytes read). Buffers are
+    therefore reused, in few sizes: `align * 2**k` up to the chunk size, plus exact lengths
+    at the disk's end. A short run is read with the next size up (reading a little more than
+    needed is cheaper than an unbounded number of sizes)."""
+
+    def __init__(self, align: int, chunk: int, size: int) -> None:
+        self.align = align
+        self.chunk = chunk
+        self.size = size
+        self._free: dict[int, list[nbd.Buffer]] = {}
+        self._lock = threading.Lock()
+
+    def read_length(self, offset: int, length: int) -> int:
+        """How many bytes to read for a run piece of `length` at `offset`."""
+        wanted = self.align
+        while wanted < length:
+            wanted *= 2
+        wanted = min(wanted, self.chunk)
+        return length if offset + wanted > self.size or wanted < length else wanted
+
+    def take(self, length: int) -> nbd.Buffer:
+        with self._lock:
+            free = self._free.get(length)
+            if free:
+                return free.pop()
+        # A Buffer over our own bytearray: its memory can be lent to the sink without a copy.
+        return nbd.Buffer.from_buffer(bytearray(length))
+
+    def give(self, buf: nbd.Buffer, length: int) -> None:
+        with self._lock:
+            self._free.setdefault(length, []).append(buf)
+
+
+@dataclass(frozen=True, slots=True)
+class Borrowed:
+    """Data lent to the sink without a copy (`pull(..., borrow=True)`): `view` stays valid
+    until `release()` is called, after which its buffer is reused for another read."""
+
+    view: memoryview
+    release: Callable[[], None]
+
+
 class Puller:
     """Reads runs from one handle with up to `depth` requests of `chunk` bytes in flight."""
 
@@ -242,8 +289,10 @@ class Puller:
         depth: int = DEFAULT_DEPTH,
         progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
+        borrow: bool = False,
     ) -> None:
         self.handle = handle
+        self.borrow = borrow
         self.export = export
         self.sink = sink
         self.chunk = chunk
@@ -251,11 +300,15 @@ class Puller:
         self.progress = progress
         self.stop = stop or threading.Event()
         self.stats = PullStats()
-        self._pending: collections.deque[tuple[int, nbd.Buffer, int, int]] = collections.deque()
+        self._pending: collections.deque[tuple[int, nbd.Buffer, int, int, int]] = (
+            collections.deque()
+        )
+        self._pool: BufferPool | None = None
 
-    def run(self, runs: list[Run], align: int) -> PullStats:
+    def run(self, runs: list[Run], align: int, size: int) -> PullStats:
         """Read and deliver every run in offset order."""
         chunk = max(self.chunk // align, 1) * align
+        self._pool = BufferPool(align, chunk, size)
         try:
             for run in runs:
                 if run.zero:
@@ -271,7 +324,7 @@ class Puller:
                     self._submit(pos, min(chunk, run.offset + run.length - pos))
             self._drain()
         except nbd.Error as exc:
-            raise NbdError(self.export, str(exc)) from exc
+            raise NbdError(self.export, str(exc.string or exc)) from exc
         return self.stats
 
     def _check_stop(self) -> None:
@@ -284,18 +337,28 @@ class Puller:
 
     def _submit(self, offset: int, length: int) -> None:
         self._check_stop()
-        buf = nbd.Buffer(length)
+        assert self._pool is not None
+        read = self._pool.read_length(offset, length)
+        buf = self._pool.take(read)
         cookie = self.handle.aio_pread(buf, offset)
-        self._pending.append((cookie, buf, offset, length))
+        self._pending.append((cookie, buf, offset, length, read))
         self.stats.requests += 1
 
     def _complete_oldest(self) -> None:
-        cookie, buf, offset, length = self._pending[0]
+        cookie, buf, offset, length, read = self._pending[0]
         while not self.handle.aio_command_completed(cookie):
             self.handle.poll(-1)
         self._pending.popleft()
+        pool = self._pool
+        assert pool is not None
         self._check_stop()
-        self.sink(offset, length, buf.to_bytearray())
+        if self.borrow:
+            view = memoryview(buf.to_buffer())[:length]
+            self.sink(offset, length, Borrowed(view, lambda: pool.give(buf, read)))
+        else:
+            data = buf.to_bytearray()
+            pool.give(buf, read)
+            self.sink(offset, length, data if read == length else memoryview(data)[:length])
         self.stats.bytes_read += length
         self._progress(offset, length)
 
@@ -315,8 +378,12 @@ def pull(
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
     on_plan: Callable[[list[Run]], None] | None = None,
+    borrow: bool = False,
 ) -> PullStats:
-    """Pull one export into `sink`: the dirty clusters of `dirty_bitmap`, or the whole disk."""
+    """Pull one export into `sink`: the dirty clusters of `dirty_bitmap`, or the whole disk.
+
+    Data reaches the sink as a bytearray (or memoryview) of its own, or with `borrow=True` as
+    a `Borrowed` view of a read buffer that the sink must release (saves a copy per byte)."""
     contexts = [BASE_ALLOCATION]
     if dirty_bitmap:
         contexts.append(f"qemu:dirty-bitmap:{dirty_bitmap}")
@@ -332,8 +399,15 @@ def pull(
         if on_plan is not None:
             on_plan(runs)
         puller = Puller(
-            handle, source.export, sink, chunk=chunk, depth=depth, progress=progress, stop=stop
+            handle,
+            source.export,
+            sink,
+            chunk=chunk,
+            depth=depth,
+            progress=progress,
+            stop=stop,
+            borrow=borrow,
         )
-        return puller.run(runs, align)
+        return puller.run(runs, align, size)
     finally:
         _close(handle)

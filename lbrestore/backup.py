@@ -13,13 +13,14 @@ Any failure before the commit (NBD, QMP, store, Ctrl-C) aborts the point, tears 
 and merges every new bitmap back into its old one: nothing is committed, no write is forgotten.
 
 NBD reads run in a worker thread; every store call stays on the event loop's thread (the
-store's SQLite connection belongs to it), so reading and storing overlap through a small queue.
+store's SQLite connection belongs to it); reading and storing overlap through a small queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lbstore.ingest  # noqa: F401 - loaded up front: Store.begin imports it lazily
 from lbqemu import bitmaps
 from lbqemu.bitmaps import DiskPlan
 from lbqemu.discovery import DiskInfo, choose_disks, list_disks, vm_definition
@@ -325,7 +327,10 @@ class _Job:
                 dingest.zero(offset, length)
                 result.bytes_zero += length
             else:
-                dingest.write(offset, data)
+                try:
+                    dingest.write(offset, data.view)
+                finally:
+                    data.release()
                 result.bytes_read += length
             result.bytes_stored = dingest.stored_bytes
             if self.hooks.progress is not None:
@@ -355,63 +360,89 @@ async def _shielded(coro: Any) -> Any:
 _DONE = object()
 
 
+class _Handoff:
+    """Items from the reader thread to the event loop: a bounded thread-safe queue plus a
+    wake-up of the loop. The reader never waits for the loop (only for room in the queue),
+    so its NBD requests keep moving while the store writes; the loop never blocks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        self.loop = loop
+        self.stop = stop
+        self.queue: queue.Queue[Any] = queue.Queue(QUEUE_CHUNKS)
+        self.ready = asyncio.Event()
+
+    def put(self, item: Any) -> None:
+        """Reader side: blocks while the queue is full; gives up once asked to stop."""
+        final = item is _DONE or isinstance(item, BaseException)
+        while True:
+            if self.stop.is_set() and not final:
+                return
+            try:
+                self.queue.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                if self.stop.is_set():
+                    return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody is waiting
+            self.loop.call_soon_threadsafe(self.ready.set)
+
+    async def get(self) -> Any:
+        """Loop side: the next item. `ready` is set on the loop's own thread, so clearing it
+        before looking at the queue cannot lose a wake-up."""
+        while True:
+            try:
+                return self.queue.get_nowait()
+            except queue.Empty:
+                self.ready.clear()
+            if self.queue.empty():
+                await self.ready.wait()
+
+    def drain(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+
+
 async def _threaded_pull(
     source: NbdSource, plan: DiskPlan, align: int, options: BackupOptions
 ) -> AsyncGenerator[Any, None]:
     """Run lbqemu.nbd.pull in a thread; yield its plan, then its runs, on the loop's thread.
 
-    The queue is bounded: a slow store slows the reader. On any exit (error, cancellation)
+    A plain thread-safe queue joins them, so the reader keeps its NBD requests moving while
+    the store writes (it never waits for the event loop). On any exit (error, cancellation)
     the reader is stopped and joined before this generator finishes."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue(QUEUE_CHUNKS)
     stop = threading.Event()
-
-    def put(item: Any) -> None:
-        if stop.is_set() and item is not _DONE and not isinstance(item, BaseException):
-            return
-        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+    handoff = _Handoff(asyncio.get_running_loop(), stop)
 
     def reader() -> None:
         try:
             pull(
                 source,
-                lambda offset, length, data: put((offset, length, data)),
+                lambda offset, length, data: handoff.put((offset, length, data)),
                 align=align,
                 dirty_bitmap=plan.export_bitmap,
                 chunk=options.chunk,
                 depth=options.depth,
                 stop=stop,
-                on_plan=put,
+                on_plan=handoff.put,
+                borrow=True,
             )
-            put(_DONE)
+            handoff.put(_DONE)
         except BaseException as exc:
-            put(exc)
+            handoff.put(exc)
 
     thread = threading.Thread(target=reader, name=f"nbd-pull-{source.export}", daemon=True)
     thread.start()
-    finished = False
     try:
         while True:
-            item = await queue.get()
+            item = await handoff.get()
             if item is _DONE:
-                finished = True
                 return
             if isinstance(item, BaseException):
-                finished = True
                 raise item
             yield item
     finally:
-        if not finished:
-            stop.set()
-            await _drain_until_done(queue)
-        # Not thread.join() on the loop: the reader's last put() completes through the loop.
-        await asyncio.to_thread(thread.join)
-
-
-async def _drain_until_done(queue: asyncio.Queue[Any]) -> None:
-    """Consume (and drop) what the stopping reader still sends, until it says it is done."""
-    with contextlib.suppress(asyncio.CancelledError):
-        while True:
-            item = await queue.get()
-            if item is _DONE or isinstance(item, BaseException):
-                return
+        stop.set()
+        while thread.is_alive():
+            handoff.drain()
+            await asyncio.sleep(0.01)
