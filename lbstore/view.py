@@ -285,7 +285,11 @@ class ChainView:
         return bytes(out)
 
     def readinto(self, offset: int, dest: memoryview) -> int:
-        """Fill `dest` (zero-initialised by the caller) from `offset`; returns bytes filled."""
+        """Fill `dest` from `offset`; returns bytes filled (short past the end, like a file).
+
+        Zero ranges are written too, so `dest` may be a reused buffer. Not thread-safe: one
+        view per thread, or a lock around it.
+        """
         end = min(offset + len(dest), self.virtual_size)
         for seg in self._segments(offset, end):
             lo, hi = max(seg.start, offset), min(seg.end, end)
@@ -294,6 +298,8 @@ class ChainView:
                 self._pread(seg.layer, part, seg.host + (lo - seg.start))
             elif seg.kind is ViewKind.COMPRESSED:
                 part[:] = self._images[seg.layer].read(lo, hi - lo)
+            else:
+                _zero_fill(part)
         return max(0, end - offset)
 
     def _pread(self, layer: int, dest: memoryview, host: int) -> None:
@@ -309,6 +315,15 @@ class ChainView:
                     f"data cluster at {host + done:#x} is past end of file",
                 )
             done += got
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zero_fill(dest: memoryview) -> None:
+    for start in range(0, len(dest), len(_ZEROS)):
+        part = dest[start : start + len(_ZEROS)]
+        part[:] = _ZEROS[: len(part)]
 
 
 def _add_piece(

@@ -471,3 +471,13 @@ def test_runs_in_any_order_keep_their_checksums_in_guest_order(store_path: Path)
         assert digests == [(i, blake3.blake3(clusters[i]).digest()) for i in range(16)]
         with store.view(point, "vda") as view:
             assert view.read(0, 16 * CS) == b"".join(clusters)
+
+
+def test_readinto_fills_zero_ranges_of_a_reused_buffer(store_path: Path) -> None:
+    data = bytes(CS) + b"\x44" * CS + bytes(2 * CS)
+    with Store.open(store_path, write=True) as store:
+        point = put(store, "vm1", {"vda": data})
+        buffer = bytearray(b"\xff" * 8 * CS)
+        with store.view(point, "vda") as view:
+            assert view.readinto(0, memoryview(buffer)) == 4 * CS  # short at the end
+        assert bytes(buffer[: 4 * CS]) == data
