@@ -171,7 +171,15 @@ class ChainView:
             pending = self._layer_runs(layer, image, inside, found) if inside else []
         found.extend(_Segment(s, e, ViewKind.ZERO, -1, 0) for s, e in pending)
         found.sort(key=lambda seg: seg.start)
-        return _coalesce(found)
+        segments = _coalesce(found)
+        position = start
+        for segment in segments:  # every byte must be placed exactly once
+            if segment.start != position:
+                raise Qcow2Error(self.paths[0], f"chain mapping has a gap or overlap at {position}")
+            position = segment.end
+        if position != end:
+            raise Qcow2Error(self.paths[0], f"chain mapping ends at {position}, not {end}")
+        return segments
 
     @staticmethod
     def _layer_runs(
