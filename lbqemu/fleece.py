@@ -33,6 +33,7 @@ from lbqemu.qmp import JobWatch, QmpSession, parse_address
 
 SCRATCH_PREFIX = "lbr-scratch-"
 JOB_TIMEOUT = 60.0
+UNIX_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes on Linux, with its NUL
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,14 @@ class PointInTimeView:
         parent = str(self.scratch_parent) if self.scratch_parent else None
         self._scratch_dir = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
         self._undo.append(("scratch-dir", self._scratch_dir))
+        socket_dir = self._scratch_dir
+        if len(str(socket_dir / "nbd.sock")) > UNIX_PATH_MAX:
+            # A unix socket path has a hard length limit: use a short folder of our own.
+            socket_dir = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+            self._undo.append(("scratch-dir", socket_dir))
         self._endpoint = nbd_endpoint(
             self.endpoint_address,
-            self._scratch_dir,
+            socket_dir,
             tls_creds_dir=self.tls_creds_dir,
             insecure_tcp=self.insecure_tcp,
         )
