@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,20 @@ def test_backup_command_refusals(make_vm, store_path, tmp_path) -> None:
     assert points(store_path) == []
     assert vm.cmd("query-block-exports") == [] and vm.cmd("query-jobs") == []
     assert vm.bitmaps("vda") == []
+
+    # Asked for explicitly, plain TCP works.
+    vm.qemu_io("vda", "write -P 0xa3 0 64k")
+    snaps = vm.snapshot_all(tmp_path, "tcp")
+    tcp = lbrestore(
+        store_path, "backup", "vm1", "--qmp", vm.qmp_address, "--json",
+        "--nbd", f"tcp:127.0.0.1:{free_port()}", "--insecure-tcp",
+    )  # fmt: skip
+    assert tcp.returncode == 0, tcp.stderr
+    assert_point_equals(store_path, json.loads(tcp.stdout)["point_id"], snaps)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
