@@ -18,9 +18,11 @@ the structural checks always cover the whole file.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +36,12 @@ from lbstore.store import Store
 
 READ_SIZE = 16 << 20
 """Bytes read per preadv: large enough for sequential throughput, small enough for memory."""
+READ_AHEAD_SPANS = 2
+"""Spans announced to the kernel (POSIX_FADV_WILLNEED) ahead of the one being hashed."""
 MAX_GAP = 256 << 10
 """Clusters closer than this in the file are read together (the gap is read and ignored)."""
+MAX_WORKERS = 4
+"""Processes that check files in parallel, at most (never more than the CPUs)."""
 MAX_PROBLEMS_PER_FILE = 20
 """Problems listed per damaged file; the count of damaged clusters is always exact."""
 
@@ -108,6 +114,14 @@ class VerifyReport:
         """True when no damage was found."""
         return not self.damaged_files
 
+    def add(self, outcome: _Outcome) -> None:
+        """Count one checked file."""
+        self.files_checked += 1
+        self.clusters_checked += outcome.clusters_checked
+        self.bytes_checked += outcome.bytes_checked
+        if outcome.damage is not None:
+            self.damaged_files.append(outcome.damage)
+
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready form for `verify --json`."""
         return {
@@ -124,14 +138,13 @@ class VerifyReport:
 
 @dataclass(frozen=True, slots=True)
 class _FileJob:
-    """One committed file to verify: the point that wrote it, its disk record, its path, the
-    path its backing file must be, and where its recorded digests come from."""
+    """One committed file to verify: the point that wrote it, its disk record, its path and
+    the path its backing file must be. Picklable: worker processes receive it."""
 
     point: RestorePoint
     record: DiskRecord
     path: Path
     expected_backing: Path | None
-    digests: Callable[[], Iterable[tuple[int, bytes]]]
 
 
 def verify_store(
@@ -142,8 +155,13 @@ def verify_store(
     sample_percent: float | None = None,
     seed: int | None = None,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> VerifyReport:
     """Verify the files of one restore point's chains, of one VM, or of the whole store.
+
+    Files are checked in `workers` processes (default: one per CPU, at most MAX_WORKERS):
+    BLAKE3 holds Python's GIL, so processes, not threads, are what let hashing use every
+    core and overlap one file's reads with another's hashing.
 
     Returns a report; damage is data, not an exception. Raises StoreError only for bad
     arguments (an unknown VM, a sample share out of range).
@@ -157,13 +175,65 @@ def verify_store(
         raise StoreError(f"VM {vm!r} has no restore points in this store")
     report = VerifyReport(sample_percent=sample_percent)
     report.points_checked = [point.id] if point is not None else [p.id for p in points]
-    checker = _Checker(report, sample_percent, random.Random(seed), progress)
-    for job in _file_jobs(store, points, point):
-        damage = checker.verify(job)
-        if damage is not None:
-            report.damaged_files.append(damage)
+    jobs = list(_file_jobs(store, points, point))
+    count = min(len(jobs), workers or min(os.cpu_count() or 1, MAX_WORKERS))
+    settings = _Settings(sample_percent, seed)
+    for outcome in _run_jobs(store, jobs, settings, count):
+        report.add(outcome)
+        if progress is not None:
+            progress(outcome.bytes_checked)
     report.damaged_points = damaged_points(store, report.damaged_files)
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    sample_percent: float | None
+    seed: int | None
+
+    def rng(self, job: _FileJob) -> random.Random:
+        """A per-file generator: a seeded run samples the same clusters in any process."""
+        if self.seed is None:
+            return random.Random()
+        return random.Random(f"{self.seed}/{job.point.id}/{job.record.name}")
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What checking one file found (sent back from a worker process)."""
+
+    damage: FileDamage | None
+    clusters_checked: int = 0
+    bytes_checked: int = 0
+
+
+def _run_jobs(
+    store: Store, jobs: list[_FileJob], settings: _Settings, workers: int
+) -> Iterator[_Outcome]:
+    """Check every job, in this process or in `workers` forked ones; outcomes in job order."""
+    if workers <= 1:
+        for job in jobs:
+            yield _Checker(store, settings).verify(job)
+        return
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_worker_start, initargs=(store.path,)
+    ) as pool:
+        yield from pool.map(_worker_verify, jobs, [settings] * len(jobs))
+
+
+_worker_store: Store | None = None
+
+
+def _worker_start(store_path: Path) -> None:
+    """In a worker process: open the store for reading (never share the parent's connection)."""
+    global _worker_store
+    _worker_store = Store.open(store_path)
+
+
+def _worker_verify(job: _FileJob, settings: _Settings) -> _Outcome:
+    assert _worker_store is not None
+    return _Checker(_worker_store, settings).verify(job)
 
 
 def _file_jobs(
@@ -188,7 +258,6 @@ def _file_jobs(
             record=record,
             path=store.file_path(writer, disk),
             expected_backing=store.file_path(backing, disk) if backing is not None else None,
-            digests=lambda w=writer, d=disk: store.stored_clusters(w, d),  # type: ignore[misc]
         )
 
 
@@ -216,40 +285,39 @@ _Entry = tuple[int, int, bytes]
 
 
 class _Checker:
-    """Verifies files one by one with one read buffer, adding what it read to the report."""
+    """Verifies one file with one read buffer, counting what it read."""
 
-    def __init__(
-        self,
-        report: VerifyReport,
-        sample_percent: float | None,
-        rng: random.Random,
-        progress: Progress | None,
-    ) -> None:
-        self.report = report
-        self.share = None if sample_percent is None else sample_percent / 100
-        self.rng = rng
-        self.progress = progress
+    def __init__(self, store: Store, settings: _Settings) -> None:
+        self.store = store
+        self.share = None if settings.sample_percent is None else settings.sample_percent / 100
+        self.settings = settings
+        self.rng = random.Random()
         self.buffer = bytearray(READ_SIZE)
+        self.outcome = _Outcome(None)
 
-    def verify(self, job: _FileJob) -> FileDamage | None:
-        """Check one committed file; return its damage, or None when it is intact."""
+    def verify(self, job: _FileJob) -> _Outcome:
+        """Check one committed file; the outcome carries its damage, or None when intact."""
+        self.rng = self.settings.rng(job)
         damage = FileDamage(job.point.id, job.point.vm, job.record.name, job.path)
-        self.report.files_checked += 1
+        self.outcome = _Outcome(None)
         try:
             image = Qcow2Image.open(job.path, backing=False)
+            fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)
         except (Qcow2Error, OSError) as exc:
             damage.add(f"cannot open: {_reason(exc)}", _expected_count(job))
-            return damage
-        fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.outcome.damage = damage
+            return self.outcome
         with image, _closing_fd(fd):
             _check_header(job, image, damage)
             file_size = os.fstat(fd).st_size
+            digests = self.store.stored_clusters(job.point, job.record.name)
             try:
-                for batch in _batches(_joined(job, image, damage), CHECKSUM_CHUNK_CLUSTERS):
+                for batch in _batches(_joined(digests, image, damage), CHECKSUM_CHUNK_CLUSTERS):
                     self._check_batch(image, fd, self._sampled(batch), file_size, damage)
             except (Qcow2Error, OSError) as exc:
                 damage.add(f"mapping unreadable: {_reason(exc)}", 1)
-        return damage if damage.problems else None
+        self.outcome.damage = damage if damage.problems else None
+        return self.outcome
 
     def _sampled(self, batch: list[_Entry]) -> list[_Entry]:
         if self.share is None:
@@ -262,7 +330,11 @@ class _Checker:
         """Re-read a batch of clusters in host order and compare their digests."""
         size = image.cluster_size
         data = sorted((e for e in batch if e[1] >= 0), key=lambda e: e[1])
-        for span in _spans(data, size):
+        spans = list(_spans(data, size))
+        for index, span in enumerate(spans):
+            # Ask the kernel to read the following spans while this one is hashed.
+            for ahead in spans[index + 1 : index + 1 + READ_AHEAD_SPANS]:
+                _will_need(fd, ahead[0][1], ahead[-1][1] + size - ahead[0][1])
             self._check_span(fd, span, size, file_size, damage)
         for cluster, _, digest in (e for e in batch if e[1] < 0):
             content = image.read(cluster * size, size)
@@ -287,16 +359,20 @@ class _Checker:
                 )
                 continue
             self._compare(cluster, view[at : at + size], digest, damage)
-        if self.progress is not None:
-            self.progress(len(span) * size)
 
     def _compare(
         self, cluster: int, content: bytes | memoryview, expected: bytes, damage: FileDamage
     ) -> None:
-        self.report.clusters_checked += 1
-        self.report.bytes_checked += len(content)
+        self.outcome.clusters_checked += 1
+        self.outcome.bytes_checked += len(content)
         if blake3.blake3(content).digest() != expected:
             damage.add(f"cluster {cluster}: checksum mismatch", 1)
+
+
+def _will_need(fd: int, offset: int, length: int) -> None:
+    """Start asynchronous readahead of a range (a hint: errors do not matter)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
 def _pread_full(fd: int, dest: memoryview, offset: int) -> int:
@@ -344,13 +420,15 @@ def _batches(entries: Iterable[_Entry], count: int) -> Iterator[list[_Entry]]:
         yield batch
 
 
-def _joined(job: _FileJob, image: Qcow2Image, damage: FileDamage) -> Iterator[_Entry]:
+def _joined(
+    digests: Iterable[tuple[int, bytes]], image: Qcow2Image, damage: FileDamage
+) -> Iterator[_Entry]:
     """The file's stored clusters merged with the index's digests, both in guest order.
 
     A cluster the file stores without a digest, or a digest for a cluster the file does not
     store, is damage (typically a changed L2 entry).
     """
-    indexed = iter(job.digests())
+    indexed = iter(digests)
     pending = next(indexed, None)
     for cluster, host in _stored_clusters(image):
         while pending is not None and pending[0] < cluster:
