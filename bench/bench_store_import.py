@@ -6,7 +6,7 @@ cluster, the qcow2 file, fsync, rename and the index transaction (plus Python's 
 whole command). qemu-img convert's default cache mode does not flush its output, ours fsyncs:
 the main ratio is against `qemu-img convert -t writeback` (flushes on close), like for like;
 the plain command is printed too. Both run as child processes, best of LBR_BENCH_ROUNDS
-(default 2), alternating which goes first; the image is read once first so both read from the
+(default 3), alternating which goes first; the image is read once first so both read from the
 page cache. Prints throughputs, `ratio (ours/theirs)` (target >= 0.8) and our peak RSS.
 
 Size: LBR_BENCH_MIB (default 1024). Work folder: LBR_BENCH_DIR, else the system temp folder.
@@ -70,7 +70,7 @@ def run_theirs(work: Path, raw: Path, flush: bool) -> float:
 
 def main() -> None:
     size = int(os.environ.get("LBR_BENCH_MIB", "1024")) * MIB
-    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "2"))
+    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "3"))
     base = os.environ.get("LBR_BENCH_DIR") or tempfile.gettempdir()
     work = Path(tempfile.mkdtemp(prefix="bench-store-import-", dir=base))
     try:

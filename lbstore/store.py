@@ -191,8 +191,9 @@ class Store:
             else:
                 leftover.unlink(missing_ok=True)
         fsync_dir(self.tmp_dir)
-        self.problems = self.check_files()
-        self._log_new_problems()
+        problems = self._file_problems()
+        self.problems = [message for _, message in problems]
+        self._log_new_problems(problems)
 
     def _remove_point_files(self, vm: str, point_id: int) -> list[str]:
         """Delete data/<vm>/*/<id>.qcow2 of an uncommitted point (renamed before a crash)."""
@@ -207,22 +208,33 @@ class Store:
 
     def check_files(self) -> list[str]:
         """Problems between index and data/: committed files missing, unknown .qcow2 files."""
+        return [message for _, message in self._file_problems()]
+
+    def _file_problems(self) -> list[tuple[str, str]]:
+        """(VM, problem) for every disagreement between the index and data/."""
         known = {row["file"] for row in self._index.point_disks()}
         problems = [
-            f"missing file data/{f}" for f in sorted(known) if not (self.data_dir / f).is_file()
+            (f.split("/", 1)[0], f"missing file data/{f}")
+            for f in sorted(known)
+            if not (self.data_dir / f).is_file()
         ]
         if self.data_dir.is_dir():
             for path in sorted(self.data_dir.glob("*/*/*.qcow2")):
                 relative = str(path.relative_to(self.data_dir))
                 if relative not in known:
-                    problems.append(f"unknown file data/{relative} (not in the index; left alone)")
+                    problems.append(
+                        (
+                            relative.split("/", 1)[0],
+                            f"unknown file data/{relative} (not in the index; left alone)",
+                        )
+                    )
         return problems
 
-    def _log_new_problems(self) -> None:
+    def _log_new_problems(self, problems: list[tuple[str, str]]) -> None:
         logged = {e["message"] for e in self._index.events(kind="integrity")}
-        for problem in self.problems:
+        for vm, problem in problems:
             if problem not in logged:
-                self._index.record_event(None, "integrity", problem)
+                self._index.record_event(vm, "integrity", problem)
 
     # --- reading --------------------------------------------------------------------------------
 

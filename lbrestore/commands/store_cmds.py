@@ -141,6 +141,10 @@ def point_info(store: Store, point: RestorePoint) -> dict[str, Any]:
         "definition": point.definition,
         "disks": disks,
         "store_problems": store.problems or store.check_files(),
+        "recent_events": [
+            {k: e[k] for k in ("time", "kind", "message", "point_id", "details")}
+            for e in store.events(point.vm)[-10:]
+        ],
     }
 
 
@@ -176,6 +180,8 @@ def info_command(store: Store, address: str, as_json: bool) -> None:
             )
     for problem in info["store_problems"]:
         click.echo(f"store problem: {problem}")
+    for event in info["recent_events"][-5:]:
+        click.echo(f"event {event['time'][:19]}Z {event['kind']}: {event['message']}")
 
 
 def _parse_disks(specs: tuple[str, ...]) -> dict[str, Path]:

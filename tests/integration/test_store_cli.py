@@ -101,3 +101,22 @@ def test_info_of_nothing_is_one_line(tmp_path: Path) -> None:
     assert lbrestore(store, "list").returncode == 0
     result = lbrestore(store, "info", "vm1@soon")
     assert result.returncode == 1 and "unknown restore point spec" in result.stderr
+
+
+def test_info_reports_a_missing_file_and_import_starts_a_new_chain(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    raw = tmp_path / "vda.raw"
+    raw.write_bytes(blake3.blake3(b"y").digest(length=MIB))
+    ok(lbrestore(store, "init"))
+    ok(lbrestore(store, "import", "vm1", "--disk", f"vda={raw}"))
+    (store / "data" / "vm1" / "vda" / "1.qcow2").unlink()
+    info = json.loads(ok(lbrestore(store, "info", "vm1@#1", "--json")))
+    (entry,) = info["disks"][0]["chain"]
+    assert entry["exists"] is False and entry["checksum_state"] == "file missing"
+    assert info["store_problems"] == ["missing file data/vm1/vda/1.qcow2"]
+    out = ok(lbrestore(store, "import", "vm1", "--disk", f"vda={raw}"))
+    assert "vm1@#2 (full)" in out
+    text = ok(lbrestore(store, "info", "vm1@latest"))
+    assert "store problem: missing file data/vm1/vda/1.qcow2" in text
+    assert "integrity: missing file data/vm1/vda/1.qcow2" in text  # logged by the import
+    assert "chain-broken" in text
