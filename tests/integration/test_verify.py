@@ -180,3 +180,10 @@ def test_bad_arguments_give_one_line(store: Path) -> None:
         lines = result.stderr.strip().splitlines()
         # one line; click's own usage errors add a usage line and a hint before theirs
         assert len(lines) == 1 or (result.returncode == 2 and lines[-1].startswith("Error:"))
+
+
+def test_missing_file(store: Path) -> None:
+    data_file(store, "vdb", 4).unlink()
+    code, report = verify(store, "vm1")
+    assert code == 3 and damaged_ids(report) == [4, 5]
+    assert "cannot open" in report["damaged_files"][0]["problems"][0]  # type: ignore[index]
