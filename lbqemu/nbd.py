@@ -11,9 +11,10 @@ libnbd's API is synchronous here; the backup job runs `pull` in a worker thread.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -115,18 +116,6 @@ def _inward(start: int, end: int, align: int, size: int) -> tuple[int, int]:
     return (up, down)
 
 
-def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    i = j = 0
-    while i < len(a) and j < len(b):
-        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if start < end:
-            yield (start, end)
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-
-
 def plan_runs(
     size: int, allocation: list[Extent], dirty: list[Extent] | None, align: int
 ) -> list[Run]:
@@ -139,10 +128,17 @@ def plan_runs(
         wanted = _merge([_outward(s, e, align, size) for s, e in dirty_spans])
     zero_spans = _merge([(o, o + n) for o, n, f in allocation if f & STATE_ZERO])
     zeros = _merge([_inward(s, e, align, size) for s, e in zero_spans])
+    starts = [z[0] for z in zeros]
     runs: list[Run] = []
     for start, end in wanted:
         pos = start
-        for zs, ze in _intersect([(start, end)], zeros):
+        # Zero spans are sorted and disjoint: start at the last one beginning before `start`.
+        k = max(bisect.bisect_right(starts, start) - 1, 0)
+        while k < len(zeros) and zeros[k][0] < end:
+            zs, ze = max(zeros[k][0], start), min(zeros[k][1], end)
+            k += 1
+            if zs >= ze:
+                continue
             if zs > pos:
                 runs.append(Run(pos, zs - pos, zero=False))
             runs.append(Run(zs, ze - zs, zero=True))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbqemu.bitmaps import bitmap_name, plan_disk, rollback_actions, transaction_actions
 from lbqemu.discovery import BitmapInfo, DiskInfo, choose_disks, device_id_of
@@ -173,3 +175,46 @@ def test_plan_runs_aligns_to_clusters_and_the_disk_end() -> None:
 
 def test_plan_runs_hole_without_zero_flag_is_read() -> None:
     assert plan_runs(2 * C, [(0, 2 * C, STATE_HOLE)], None, C) == [Run(0, 2 * C, zero=False)]
+
+
+def _brute_force(size: int, allocation: list, dirty: list | None, align: int) -> list[Run]:
+    """Cluster by cluster: wanted if any byte is dirty, zero if every byte reads as zeros."""
+    zero_bytes = bytearray(size)
+    for o, n, f in allocation:
+        if f & STATE_ZERO:
+            zero_bytes[o : o + n] = b"\1" * n
+    dirty_bytes = bytearray(b"\1" * size) if dirty is None else bytearray(size)
+    for o, n, f in dirty or []:
+        if f & STATE_DIRTY:
+            dirty_bytes[o : o + n] = b"\1" * n
+    runs: list[Run] = []
+    for start in range(0, size, align):
+        end = min(start + align, size)
+        if not any(dirty_bytes[start:end]):
+            continue
+        zero = all(zero_bytes[start:end])
+        if runs and runs[-1].zero == zero and runs[-1].offset + runs[-1].length == start:
+            runs[-1] = Run(runs[-1].offset, runs[-1].length + end - start, zero)
+        else:
+            runs.append(Run(start, end - start, zero))
+    return runs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_plan_runs_matches_a_cluster_by_cluster_model(data: st.DataObject) -> None:
+    unit = 512
+    align = data.draw(st.sampled_from([512, 1024, 4096]))
+    size = data.draw(st.integers(1, 24)) * unit + data.draw(st.sampled_from([0, 0, 100]))
+
+    def extents(flags: st.SearchStrategy[int]) -> list[tuple[int, int, int]]:
+        out, pos = [], 0
+        while pos < size:
+            n = min(data.draw(st.integers(1, 6)) * unit, size - pos)
+            out.append((pos, n, data.draw(flags)))
+            pos += n
+        return out
+
+    allocation = extents(st.sampled_from([0, STATE_HOLE, STATE_ZERO, STATE_HOLE | STATE_ZERO]))
+    dirty = None if data.draw(st.booleans()) else extents(st.sampled_from([0, STATE_DIRTY]))
+    assert plan_runs(size, allocation, dirty, align) == _brute_force(size, allocation, dirty, align)
