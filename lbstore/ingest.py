@@ -20,7 +20,7 @@ import os
 import shutil
 from array import array
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,31 @@ def _point_kind(modes: list[str]) -> str:
     if "resync" in modes:
         return "resync"
     return "incremental"
+
+
+MAX_FUTURE = timedelta(minutes=5)
+"""How far ahead of this host's clock an explicit restore point time may be (clock skew)."""
+
+
+def _point_time(vm: str, created: datetime | None, latest_text: str | None) -> datetime:
+    """The new point's time: `created`, or now. Points of a VM are in time order, so an
+    explicit time older than the newest point is refused, and so is one in the future (it
+    would block every later backup); an implicit "now" behind the newest point (the clock was
+    set back) is moved up to it instead of failing a backup."""
+    now = datetime.now(UTC)
+    latest = parse_utc(latest_text) if latest_text is not None else None
+    if created is None:
+        return max(now, latest) if latest is not None else now
+    moment = as_utc(created)
+    if moment > now + MAX_FUTURE:
+        raise IngestError(vm, f"the restore point time {moment.isoformat()} is in the future")
+    if latest is not None and moment < latest:
+        raise IngestError(
+            vm,
+            f"a restore point cannot be older than the VM's newest one ({latest.isoformat()}); "
+            f"asked for {moment.isoformat()}",
+        )
+    return moment
 
 
 class _Digests:
@@ -310,14 +335,7 @@ class Ingest:
         definition: dict[str, Any] | None,
     ) -> Ingest:
         """Register a pending point and make its tmp folder."""
-        moment = as_utc(created) if created is not None else datetime.now(UTC)
-        latest = store.index.latest_created(vm)
-        if latest is not None and moment < parse_utc(latest):
-            raise IngestError(
-                vm,
-                f"a restore point cannot be older than the VM's newest one ({latest}); "
-                f"asked for {moment.isoformat()}",
-            )
+        moment = _point_time(vm, created, store.index.latest_created(vm))
         try:
             point_id = store.index.begin_point(vm, moment)
         except Exception as exc:

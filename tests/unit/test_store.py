@@ -342,6 +342,12 @@ def test_points_cannot_go_back_in_time(store_path: Path) -> None:
             store.begin("vm1", created=now - timedelta(seconds=1))
         put(store, "vm1", {"vda": bytes(CS)}, created=now)  # a tie is allowed
         put(store, "vm2", {"vda": bytes(CS)}, created=now - timedelta(days=1))  # other VM
+        with pytest.raises(IngestError, match="future"):
+            store.begin("vm1", created=datetime.now(UTC) + timedelta(hours=1))
+        soon = datetime.now(UTC) + timedelta(minutes=1)  # clock skew is tolerated
+        put(store, "vm1", {"vda": bytes(CS)}, created=soon)
+        # a backup at "now" behind the newest point (clock set back) still goes after it
+        assert put(store, "vm1", {"vda": bytes(CS)}).created == soon
 
 
 def test_readers_cannot_write(store_path: Path) -> None:
