@@ -261,14 +261,15 @@ def _run_verify(
     boot: bool,
     boot_options: dict[str, Any],
 ) -> tuple[VerifyReport, BootResult | None]:
-    point: RestorePoint | None = None
+    point: RestorePoint | None = None  # checksums of this point's chains only
     vm: str | None = None
+    to_boot: RestorePoint | None = None
     if address is not None and "@" in address:
-        point = store.resolve(address)
+        point = to_boot = store.resolve(address)
     elif address is not None:
         vm = check_vm_name(address)
         if boot:
-            point = store.resolve(f"{vm}@latest")
+            to_boot = store.resolve(f"{vm}@latest")
     total = _bytes_to_check(store, point, vm, sample_percent)
     with _progress("verifying", total) as progress:
         report = verify_store(
@@ -278,7 +279,7 @@ def _run_verify(
             sample_percent=sample_percent,
             progress=progress,
         )
-    boot_result = _boot(store, point, boot_options) if boot and point is not None else None
+    boot_result = _boot(store, to_boot, boot_options) if to_boot is not None else None
     return report, boot_result
 
 

@@ -145,3 +145,21 @@ def test_restored_disk_boots_from_the_generated_script(boot_store: Path, tmp_pat
     assert BOOT_MARKER.encode() in console
     check = subprocess.run(["qemu-img", "check", out / "vda.qcow2"], capture_output=True)
     assert check.returncode == 0
+
+
+def test_vm_without_spec_checks_all_points_and_boots_the_latest(boot_store: Path) -> None:
+    result = lbrestore(
+        boot_store,
+        "verify",
+        "vmb",
+        "--boot",
+        "--boot-accel",
+        "tcg",
+        "--boot-timeout",
+        SHORT_TIMEOUT,
+        "--json",
+    )
+    report = json.loads(result.stdout)
+    assert report["files_checked"] == 3 and report["points_checked"] == [1, 2, 3]
+    assert report["ok"] is True and report["boot"]["booted"] is False  # #3 hangs
+    assert result.returncode == 3
