@@ -29,6 +29,7 @@ BASE_ALLOCATION: Final = "base:allocation"
 DEFAULT_CHUNK: Final = 4 << 20
 DEFAULT_DEPTH: Final = 8
 STATUS_WINDOW: Final = 1 << 30
+MAX_REQUESTS: Final = 64
 
 
 class _Zero:
@@ -273,7 +274,8 @@ class Borrowed:
 
 
 class Puller:
-    """Reads runs from one handle with up to `depth` requests of `chunk` bytes in flight."""
+    """Reads runs from one handle with up to `depth` x `chunk` bytes (and at most MAX_REQUESTS
+    requests) in flight, delivering them in offset order."""
 
     def __init__(
         self,
@@ -300,6 +302,7 @@ class Puller:
             collections.deque()
         )
         self._pool: BufferPool | None = None
+        self._inflight = 0
 
     def run(self, runs: list[Run], align: int, size: int) -> PullStats:
         """Read and deliver every run in offset order."""
@@ -315,9 +318,15 @@ class Puller:
                     self._progress(run.offset, run.length)
                     continue
                 for pos in range(run.offset, run.offset + run.length, chunk):
-                    if len(self._pending) >= self.depth:
+                    length = min(chunk, run.offset + run.length - pos)
+                    # Bound the bytes in flight (depth x chunk), not the requests: many small
+                    # reads (an incremental) need more requests in flight to hide latency.
+                    while self._pending and (
+                        len(self._pending) >= MAX_REQUESTS
+                        or self._inflight + length > self.depth * chunk
+                    ):
                         self._complete_oldest()
-                    self._submit(pos, min(chunk, run.offset + run.length - pos))
+                    self._submit(pos, length)
             self._drain()
         except nbd.Error as exc:
             raise NbdError(self.export, str(exc.string or exc)) from exc
@@ -338,6 +347,7 @@ class Puller:
         buf = self._pool.take(read)
         cookie = self.handle.aio_pread(buf, offset)
         self._pending.append((cookie, buf, offset, length, read))
+        self._inflight += read
         self.stats.requests += 1
 
     def _complete_oldest(self) -> None:
@@ -345,6 +355,7 @@ class Puller:
         while not self.handle.aio_command_completed(cookie):
             self.handle.poll(-1)
         self._pending.popleft()
+        self._inflight -= read
         pool = self._pool
         assert pool is not None
         self._check_stop()
