@@ -73,7 +73,6 @@ class ChainView:
         self.virtual_size = top.virtual_size
         self.cluster_size = top.cluster_size
         self.range_size = top.cluster_size * (top.cluster_size // 8)
-        self._fds: list[int | None] = [None] * len(images)
         self._cache: OrderedDict[int, tuple[list[int], list[_Segment]]] = OrderedDict()
 
     @classmethod
@@ -104,10 +103,6 @@ class ChainView:
 
     def close(self) -> None:
         """Close every file of the chain."""
-        for i, fd in enumerate(self._fds):
-            if fd is not None:
-                os.close(fd)
-                self._fds[i] = None
         if self._images:
             self._images[0].close()
             self._images = []
@@ -311,18 +306,15 @@ class ChainView:
         return max(0, end - offset)
 
     def _pread(self, layer: int, dest: memoryview, host: int) -> None:
-        fd = self._fds[layer]
-        if fd is None:
-            fd = self._fds[layer] = os.open(self._images[layer].path, os.O_RDONLY | os.O_CLOEXEC)
-        done = 0
-        while done < len(dest):
-            got = os.preadv(fd, [dest[done:]], host + done)
-            if got == 0:
-                raise Qcow2Error(
-                    self._images[layer].path,
-                    f"data cluster at {host + done:#x} is past end of file",
-                )
-            done += got
+        """Read stored bytes of one file of the chain straight into `dest`.
+
+        Uses the descriptor the reader already holds (lbstore-internal), so a deep chain costs
+        one descriptor per file, not two.
+        """
+        image = self._images[layer]
+        got = image._file.readinto_at(dest, host)
+        if got != len(dest):
+            raise Qcow2Error(image.path, f"data cluster at {host + got:#x} is past end of file")
 
 
 _ZEROS = bytes(1 << 20)
