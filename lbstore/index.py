@@ -254,41 +254,45 @@ class Index:
         if cursor.rowcount != 1:
             raise RuntimeError(f"restore point {point.point_id} is not pending")
         for disk in point.disks:
+            self._insert_disk_rows(point, disk)
+        if point.definition is not None:
+            self._set_vm_definition(point.vm, point.definition)
+
+    def _insert_disk_rows(self, point: CommitRecord, disk: CommitDisk) -> None:
+        """The file row, the disk's current size and the checksum chunks of one disk."""
+        self.db.execute(
+            "INSERT INTO point_disks (point_id, disk, file, backing_point_id, mode, "
+            "virtual_size, cluster_size, stored_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                point.point_id,
+                disk.name,
+                disk.file,
+                disk.backing_point_id,
+                disk.mode,
+                disk.virtual_size,
+                disk.cluster_size,
+                disk.stored_bytes,
+            ],
+        )
+        self.db.execute(
+            "INSERT INTO disks (vm, name, virtual_size, cluster_size) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (vm, name) DO UPDATE SET virtual_size = excluded.virtual_size, "
+            "cluster_size = excluded.cluster_size",
+            [point.vm, disk.name, disk.virtual_size, disk.cluster_size],
+        )
+        for chunk in disk.checksums:
             self.db.execute(
-                "INSERT INTO point_disks (point_id, disk, file, backing_point_id, mode, "
-                "virtual_size, cluster_size, stored_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO checksums (point_id, disk, chunk, algorithm, cluster_runs, "
+                "digests) VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     point.point_id,
                     disk.name,
-                    disk.file,
-                    disk.backing_point_id,
-                    disk.mode,
-                    disk.virtual_size,
-                    disk.cluster_size,
-                    disk.stored_bytes,
+                    chunk.chunk,
+                    CHECKSUM_ALGORITHM,
+                    encode_runs(chunk.runs),
+                    chunk.digests,
                 ],
             )
-            self.db.execute(
-                "INSERT INTO disks (vm, name, virtual_size, cluster_size) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (vm, name) DO UPDATE SET virtual_size = excluded.virtual_size, "
-                "cluster_size = excluded.cluster_size",
-                [point.vm, disk.name, disk.virtual_size, disk.cluster_size],
-            )
-            for chunk in disk.checksums:
-                self.db.execute(
-                    "INSERT INTO checksums (point_id, disk, chunk, algorithm, cluster_runs, "
-                    "digests) VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        point.point_id,
-                        disk.name,
-                        chunk.chunk,
-                        CHECKSUM_ALGORITHM,
-                        encode_runs(chunk.runs),
-                        chunk.digests,
-                    ],
-                )
-        if point.definition is not None:
-            self._set_vm_definition(point.vm, point.definition)
 
     def _set_vm_definition(self, vm: str, definition: dict[str, Any]) -> None:
         """Keep the VM's latest definition, with its well-known fields in columns."""

@@ -99,6 +99,7 @@ class _Digests:
         self._chunks: dict[int, tuple[array[int], bytearray]] = {}
 
     def add(self, cluster: int, digest: bytes) -> None:
+        """Record the digest of one stored guest cluster."""
         chunk, relative = divmod(cluster, CHECKSUM_CHUNK_CLUSTERS)
         entry = self._chunks.get(chunk)
         if entry is None:
