@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -28,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from lbqemu.discovery import DiskInfo
-from lbqemu.errors import AddressError, InsecureTransportError, QemuError, QmpCommandError
+from lbqemu.errors import (
+    AddressError,
+    InsecureTransportError,
+    QemuError,
+    QemuJobError,
+    QmpCommandError,
+)
 from lbqemu.qmp import JobWatch, QmpSession, parse_address
 
 SCRATCH_PREFIX = "lbr-scratch-"
@@ -95,6 +100,10 @@ class ExportedDisk:
     @property
     def node(self) -> str:
         return f"lbr-fl{self.index}-{self.token}"
+
+    @property
+    def file_node(self) -> str:
+        return f"lbr-fs{self.index}-{self.token}"
 
     @property
     def job_id(self) -> str:
@@ -188,26 +197,51 @@ class PointInTimeView:
             self._undo.append(("export", exp.export_id))
 
     async def _add_scratch_node(self, exp: ExportedDisk) -> None:
-        """A scratch qcow2 backed by the disk's node: it will hold the old data of rewrites."""
-        create = [
-            "qemu-img", "create", "-q", "-f", "qcow2",
-            "-o", f"cluster_size={max(exp.disk.cluster_size, 65536)}",
-            str(exp.scratch), str(exp.disk.virtual_size),
-        ]  # fmt: skip
-        done = subprocess.run(create, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise QemuError(f"cannot create the scratch file {exp.scratch}: {done.stderr.strip()}")
+        """A scratch qcow2 backed by the disk's node: it will hold the old data of rewrites.
+
+        Created by QEMU itself (blockdev-create jobs), not by a qemu-img process: no process
+        start per disk, and the file is made where QEMU runs."""
+        await self._create_job(
+            f"lbr-mkf{exp.index}-{exp.token}",
+            {"driver": "file", "filename": str(exp.scratch), "size": 0},
+        )
+        await self.session.execute(
+            "blockdev-add",
+            {"driver": "file", "node-name": exp.file_node, "filename": str(exp.scratch)},
+        )
+        self._undo.append(("node", exp.file_node))
+        await self._create_job(
+            f"lbr-mkq{exp.index}-{exp.token}",
+            {
+                "driver": "qcow2",
+                "file": exp.file_node,
+                "size": exp.disk.virtual_size,
+                "cluster-size": max(exp.disk.cluster_size, 65536),
+            },
+        )
         await self.session.execute(
             "blockdev-add",
             {
                 "driver": "qcow2",
                 "node-name": exp.node,
-                "file": {"driver": "file", "filename": str(exp.scratch)},
+                "file": exp.file_node,
                 "backing": exp.disk.node_name,
                 "discard": "unmap",
             },
         )
         self._undo.append(("node", exp.node))
+
+    async def _create_job(self, job_id: str, options: dict[str, Any]) -> None:
+        """Run one blockdev-create job to its end; its error becomes QemuJobError."""
+        async with self.session.job_watch(job_id) as watch:
+            await self.session.execute("blockdev-create", {"job-id": job_id, "options": options})
+            await watch.wait_status("concluded", timeout=JOB_TIMEOUT)
+            jobs = await self.session.execute("query-jobs")
+            error = next((j.get("error") for j in jobs if j.get("id") == job_id), None)
+            with contextlib.suppress(QmpCommandError):
+                await self.session.execute("job-dismiss", {"id": job_id})
+        if error:
+            raise QemuJobError(job_id, f"creating the scratch file failed: {error}")
 
     async def _start_jobs(self) -> None:
         """One transaction: the extra (bitmap) actions plus a fleecing job per disk."""
@@ -308,9 +342,13 @@ async def remove_leftovers(session: QmpSession) -> list[str]:
             async with session.job_watch(job_id) as watch:
                 await watch.cancel(timeout=JOB_TIMEOUT)
             removed.append(f"job {job_id}")
-    for node in await session.execute("query-named-block-nodes", {"flat": True}):
-        name = str(node.get("node-name", ""))
-        if name.startswith("lbr-fl"):
+    nodes = await session.execute("query-named-block-nodes", {"flat": True})
+    # Format nodes first: each holds its file node.
+    for prefix in ("lbr-fl", "lbr-fs"):
+        for node in nodes:
+            name = str(node.get("node-name", ""))
+            if not name.startswith(prefix):
+                continue
             filename = node.get("image", {}).get("filename") or node.get("file")
             with contextlib.suppress(QmpCommandError):
                 await _blockdev_del(session, name)
