@@ -8,6 +8,7 @@ holder text). Readers never take the lock; SQLite's WAL lets them read during a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -38,6 +39,8 @@ class StoreLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self.stale_holder: str | None = None
+        """Who held the lock last without releasing it (a process that died), if anyone."""
 
     def acquire(self, timeout: float, purpose: str | None = None) -> None:
         """Take the lock, waiting up to `timeout` seconds; StoreBusyError names the holder."""
@@ -63,6 +66,8 @@ class StoreLock:
                     raise StoreBusyError(self.path.parent, holder, timeout) from None
                 time.sleep(POLL_INTERVAL)
         self._fd = fd
+        # A clean release empties the file; text left in it names a holder that died.
+        self.stale_holder = read_holder(fd) if os.fstat(fd).st_size else None
         self._write_holder(purpose or default_purpose())
 
     def _write_holder(self, purpose: str) -> None:
@@ -76,8 +81,10 @@ class StoreLock:
             pass  # the holder text is a courtesy; a full disk must not stop the lock
 
     def release(self) -> None:
-        """Drop the lock (closing the descriptor releases the flock)."""
+        """Empty the holder text and drop the lock (closing the descriptor releases the flock)."""
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
 

@@ -175,6 +175,13 @@ class Store:
         """Remove what uncommitted points left behind, then cross-check index and data/."""
         self.data_dir.mkdir(exist_ok=True)
         self.tmp_dir.mkdir(exist_ok=True)
+        if self._lock is not None and self._lock.stale_holder is not None:
+            self._index.record_event(
+                None,
+                "stale-lock",
+                f"took over the lock of {self._lock.stale_holder}, which ended without "
+                "releasing it",
+            )
         for row in self._index.pending_points():
             removed = self._remove_point_files(row["vm"], row["id"])
             self._index.forget_pending(row["id"])

@@ -377,9 +377,14 @@ def test_a_second_writer_is_told_who_holds_the_lock(store_path: Path) -> None:
 def test_a_stale_lock_file_is_simply_taken(store_path: Path) -> None:
     holder = {"pid": 999999, "command": "lbrestore backup", "since": "2026-01-01T00:00:00Z"}
     (store_path / "lock").write_text(json.dumps(holder))  # written by a process that died
-    with Store.open(store_path, write=True, lock_timeout=0, purpose="test"):
+    with Store.open(store_path, write=True, lock_timeout=0, purpose="test") as store:
         info = json.loads((store_path / "lock").read_text())
         assert info["pid"] == os.getpid() and info["command"] == "test"
+        (event,) = store.events(kind="stale-lock")
+        assert "pid 999999 (lbrestore backup, since 2026-01-01T00:00:00Z)" in event["message"]
+    assert (store_path / "lock").read_text() == ""  # a clean release leaves no holder
+    with Store.open(store_path, write=True, lock_timeout=0) as store:
+        assert len(store.events(kind="stale-lock")) == 1
 
 
 # --- recovery --------------------------------------------------------------------------------
