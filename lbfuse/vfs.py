@@ -14,6 +14,7 @@ point's creation time. Nothing ever changes, so every change request fails with 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -116,8 +117,9 @@ class BytesSource:
 class ReadOnlyTree:
     """A read-only folder of files, with open handles and bounded reads.
 
-    Reads of one source are serialised (sources such as chain views need not be thread-safe);
-    reads of different sources may run at once.
+    Reads of one source are serialised (sources such as chain views need not be thread-safe)
+    unless the source has a true `thread_safe` attribute; reads of different sources may run
+    at once.
     """
 
     def __init__(self, nodes: list[FileNode], *, uid: int, gid: int, time_ns: int) -> None:
@@ -126,8 +128,8 @@ class ReadOnlyTree:
         self._handles: dict[int, FileNode] = {}
         self._next_handle = 1
         self._handles_lock = threading.Lock()
-        self._source_locks: dict[int, threading.Lock] = {
-            id(node.source): threading.Lock() for node in nodes
+        self._source_locks: dict[int, threading.Lock | contextlib.nullcontext[None]] = {
+            id(node.source): _lock_for(node.source) for node in nodes
         }
 
     # -- lookups --------------------------------------------------------------------------------
@@ -270,6 +272,11 @@ class ReadOnlyTree:
         ):
             self._node(path)
         raise ReadOnlyError(path, operation)
+
+
+def _lock_for(source: DiskSource) -> threading.Lock | contextlib.nullcontext[None]:
+    """A lock that serialises reads of `source`, unless it says it is `thread_safe`."""
+    return contextlib.nullcontext() if getattr(source, "thread_safe", False) else threading.Lock()
 
 
 def build_restore_point_tree(

@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from lbstore.model import RestorePoint
     from lbstore.store import Store
 
+VIEWS_PER_DISK = 2
 READY_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.02
@@ -64,19 +66,36 @@ class _View(Protocol):
 
 
 class ViewSource:
-    """A chain view seen as a `DiskSource` (lbfuse.vfs): `size` and exact reads."""
+    """Chain views of one disk seen as a `DiskSource` (lbfuse.vfs): `size` and exact reads.
 
-    def __init__(self, view: _View) -> None:
-        self._view = view
-        self.size = view.virtual_size
+    A view is not thread-safe, so the source keeps a pool of views of the same disk and each
+    read borrows one: the kernel's parallel readahead requests are served at once (the reads
+    themselves release the GIL).
+    """
+
+    thread_safe = True
+
+    def __init__(self, views: Sequence[_View]) -> None:
+        self.size = views[0].virtual_size
+        self._idle: queue.SimpleQueue[_View] = queue.SimpleQueue()
+        for view in views:
+            self._idle.put(view)
 
     def read(self, offset: int, length: int) -> bytes:
         """The view's bytes; the tree never asks past the end."""
-        return self._view.read(offset, length)
+        view = self._idle.get()
+        try:
+            return view.read(offset, length)
+        finally:
+            self._idle.put(view)
 
     def readinto(self, offset: int, dest: memoryview) -> int:
         """Fill the zero-filled `dest` straight from the chain's files."""
-        return self._view.readinto(offset, dest)
+        view = self._idle.get()
+        try:
+            return view.readinto(offset, dest)
+        finally:
+            self._idle.put(view)
 
 
 # --- what is mounted ------------------------------------------------------------------------
@@ -106,9 +125,12 @@ def open_point_tree(store: Store, point: RestorePoint, stack: ExitStack) -> Read
     """Open a view of every disk of `point` (closed by `stack`) and build the mounted tree."""
     sources = {}
     for disk in point.disks:
-        view = store.view(point, disk.name)
-        stack.callback(view.close)
-        sources[disk.name] = ViewSource(view)
+        views = []
+        for _ in range(VIEWS_PER_DISK):
+            view = store.view(point, disk.name)
+            stack.callback(view.close)
+            views.append(view)
+        sources[disk.name] = ViewSource(views)
     vm_json = json.dumps(point_metadata(point), indent=2).encode() + b"\n"
     return build_restore_point_tree(
         sources, vm_json, _utc(point.created), uid=os.getuid(), gid=os.getgid()
@@ -123,8 +145,8 @@ def _utc(moment: datetime) -> datetime:
 
 
 def check_mountpoint(path: Path) -> Path:
-    """The absolute mountpoint when it is an empty folder that is not a mount already."""
-    path = Path(os.path.abspath(path))
+    """The real path of the mountpoint when it is an empty folder that is not a mount already."""
+    path = Path(os.path.realpath(path))
     try:
         if not path.is_dir():
             problem = "not a folder" if path.exists() else "no such folder"
