@@ -61,12 +61,15 @@ class BootResult:
     console_tail: str
     reason: str | None = None
     """Why the boot failed ("timeout after 120 s", "QEMU exited with status 1: ..."); None if ok."""
+    cpu: str = "default"
+    """The CPU model QEMU ran (host, max, or QEMU's default)."""
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready form, for `verify --boot --json`."""
         return {
             "booted": self.booted,
             "accelerator": self.accelerator,
+            "cpu": self.cpu,
             "seconds": round(self.seconds, 3),
             "marker": self.marker,
             "reason": self.reason,
@@ -92,25 +95,30 @@ def compile_marker(marker: str) -> re.Pattern[str]:
         raise BootTestError(f"boot marker {marker!r} is not a regular expression: {exc}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class BootMachine:
+    """The throwaway VM: machine type, memory, QEMU binary."""
+
+    machine: str = "q35"
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    qemu_binary: str = _QEMU
+
+
 def qemu_boot_command(
-    disks: Sequence[BootDisk],
-    *,
-    accelerator: str,
-    memory_mib: int = DEFAULT_MEMORY_MIB,
-    machine: str = "q35",
-    qemu_binary: str = _QEMU,
+    disks: Sequence[BootDisk], vm: BootMachine, *, accelerator: str, cpu: str | None
 ) -> list[str]:
     """The QEMU command line of a boot test: snapshot disks, no NIC, serial console on stdout."""
     command = [
-        qemu_binary,
+        vm.qemu_binary,
         "-machine",
-        f"{machine},accel={accelerator}",
+        f"{vm.machine},accel={accelerator}",
+        *(["-cpu", cpu] if cpu else []),
         "-nodefaults",
         "-display",
         "none",
         "-no-user-config",
         "-m",
-        str(memory_mib),
+        str(vm.memory_mib),
         "-snapshot",
         # A BIOS that finds no bootable disk resets at once, and a reset ends QEMU: a fast,
         # clear failure instead of waiting out the timeout.
@@ -137,21 +145,34 @@ def qemu_boot_command(
     return command
 
 
+def _attempts(accelerator: str | None) -> list[tuple[str, str | None]]:
+    """(accelerator, CPU model) to try in turn while QEMU refuses KVM itself.
+
+    The host's CPU model first (modern guests need more than QEMU's default qemu64); some
+    nested setups cannot run it, then QEMU's default model; then TCG with every feature.
+    """
+    tcg: list[tuple[str, str | None]] = [("tcg", "max")]
+    if accelerator == "tcg" or (accelerator is None and not kvm_available()):
+        return tcg
+    kvm: list[tuple[str, str | None]] = [("kvm", "host"), ("kvm", None)]
+    return kvm if accelerator == "kvm" else kvm + tcg
+
+
 def boot_test(
     disks: Sequence[BootDisk],
     *,
     marker: str = DEFAULT_BOOT_MARKER,
     timeout: float = DEFAULT_BOOT_TIMEOUT,
-    memory_mib: int = DEFAULT_MEMORY_MIB,
-    machine: str = "q35",
+    vm: BootMachine | None = None,
     accelerator: str | None = None,
-    qemu_binary: str = _QEMU,
 ) -> BootResult:
     """Boot `disks` (the first is the boot disk) and wait for `marker` on the serial console.
 
-    Returns a BootResult in every case where QEMU could be started; raises BootTestError when
-    the test cannot be run (no disks, no QEMU, marker not a regular expression).
+    `accelerator` None means KVM when available, else TCG. Returns a BootResult in every case
+    where QEMU could be started; raises BootTestError when the test cannot be run (no disks,
+    no QEMU, marker not a regular expression).
     """
+    vm = vm or BootMachine()
     if not disks:
         raise BootTestError("the restore point has no disks to boot")
     if timeout <= 0:
@@ -159,42 +180,37 @@ def boot_test(
     pattern = compile_marker(marker)
     if accelerator not in (None, "kvm", "tcg"):
         raise BootTestError(f"accelerator must be kvm or tcg, not {accelerator!r}")
-    if shutil.which(qemu_binary) is None:
-        raise BootTestError(f"{qemu_binary} not found")
-    accel = accelerator or ("kvm" if kvm_available() else "tcg")
-    started = time.monotonic()
-    result = _boot_once(disks, pattern, marker, timeout, accel, memory_mib, machine, qemu_binary)
-    if accelerator is None and accel == "kvm" and _kvm_refused(result):
-        # /dev/kvm opens but QEMU cannot run a vCPU on it (nested virtualisation gaps): TCG.
-        remaining = timeout - (time.monotonic() - started)
-        if remaining > 0:
-            result = _boot_once(
-                disks, pattern, marker, remaining, "tcg", memory_mib, machine, qemu_binary
-            )
+    if shutil.which(vm.qemu_binary) is None:
+        raise BootTestError(f"{vm.qemu_binary} not found")
+    deadline = time.monotonic() + timeout
+    result: BootResult | None = None
+    for accel, cpu in _attempts(accelerator):
+        remaining = deadline - time.monotonic()
+        if result is not None and (remaining <= 0 or not _kvm_refused(result)):
+            break
+        command = qemu_boot_command(disks, vm, accelerator=accel, cpu=cpu)
+        result = _boot_once(command, pattern, marker, max(remaining, 0.001), accel, cpu)
+    assert result is not None
     return result
 
 
 def _boot_once(
-    disks: Sequence[BootDisk],
+    command: list[str],
     pattern: re.Pattern[str],
     marker: str,
     timeout: float,
     accel: str,
-    memory_mib: int,
-    machine: str,
-    qemu_binary: str,
+    cpu: str | None,
 ) -> BootResult:
-    """One QEMU run with one accelerator: the marker, QEMU's exit or the timeout."""
-    command = qemu_boot_command(
-        disks, accelerator=accel, memory_mib=memory_mib, machine=machine, qemu_binary=qemu_binary
-    )
+    """One QEMU run: the marker, QEMU's exit or the timeout."""
     started = time.monotonic()
     with _running_qemu(command) as process:
         matched, console, stderr, status = _watch_console(process, pattern, started + timeout)
     seconds = time.monotonic() - started
     tail = console[-CONSOLE_TAIL_CHARS:]
+    cpu_name = cpu or "default"
     if matched:
-        return BootResult(True, accel, seconds, marker, tail)
+        return BootResult(True, accel, seconds, marker, tail, cpu=cpu_name)
     if status is None:
         reason = f"no boot marker {marker!r} within the boot timeout of {timeout:g} s"
     elif status == 0:
@@ -202,7 +218,7 @@ def _boot_once(
     else:
         last = stderr.strip().splitlines()[-1:] or ["no message"]
         reason = f"QEMU exited with status {status} before the boot marker: {last[0]}"
-    return BootResult(False, accel, seconds, marker, tail, reason)
+    return BootResult(False, accel, seconds, marker, tail, reason, cpu=cpu_name)
 
 
 def _kvm_refused(result: BootResult) -> bool:

@@ -14,6 +14,7 @@ from lbrestore.boottest import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_MEMORY_MIB,
     BootDisk,
+    BootMachine,
     BootResult,
     boot_test,
     compile_marker,
@@ -308,12 +309,15 @@ def _boot(store: Store, point: RestorePoint, options: dict[str, Any]) -> BootRes
         for name in ordered_disks(point)
     ]
     machine = str(definition.get("machine") or "q35")
+    vm = BootMachine(
+        machine="pc" if "q35" not in machine and "pc" in machine else "q35",
+        memory_mib=int(definition.get("memory_mib") or DEFAULT_MEMORY_MIB),
+    )
     return boot_test(
         disks,
         marker=options["marker"],
         timeout=options["timeout"],
-        memory_mib=int(definition.get("memory_mib") or DEFAULT_MEMORY_MIB),
-        machine="pc" if "q35" not in machine and "pc" in machine else "q35",
+        vm=vm,
         accelerator=None if options["accel"] == "auto" else options["accel"],
     )
 
@@ -345,7 +349,7 @@ def _print_report(report: VerifyReport) -> None:
 
 
 def _print_boot(result: BootResult) -> None:
-    accel = result.accelerator.upper()
+    accel = f"{result.accelerator.upper()}, cpu {result.cpu}"
     if result.booted:
         click.echo(
             f"boot: OK in {result.seconds:.1f} s ({accel}): console matched {result.marker!r}"
