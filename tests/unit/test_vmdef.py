@@ -253,6 +253,16 @@ def test_script_arguments_expand_as_qemu_expects(tmp_path: Path) -> None:
         check=True,
     )
     assert "none" in run.stdout.splitlines() and "user" not in run.stdout
+    assert "-cpu" not in run.stdout.splitlines()
+    run = subprocess.run(
+        [str(host.script_path)],
+        capture_output=True,
+        text=True,
+        env={"QEMU": str(fake), "PATH": "/usr/bin:/bin", "CPU": "host"},
+        check=True,
+    )
+    args = run.stdout.splitlines()
+    assert args[args.index("-cpu") + 1] == "host"
 
 
 def test_source_xml_that_is_not_a_domain_is_refused(tmp_path: Path) -> None:
