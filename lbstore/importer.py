@@ -7,11 +7,12 @@ of a stopped VM becomes a real incremental chain.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import mmap
 import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from lbstore.errors import Qcow2Error, StoreError
 from lbstore.ingest import DiskIngest, cluster_digests
 from lbstore.model import RestorePoint
 from lbstore.names import check_disk_name
-from lbstore.qcow2.reader import Qcow2Image, RawImage, open_image
+from lbstore.qcow2.reader import Qcow2Image, RawImage, RunKind, open_image
 from lbstore.store import Store
 
 CHUNK = 8 << 20
@@ -96,30 +97,61 @@ def _copy(
 ) -> None:
     """Feed every byte of `image` to `disk`, CHUNK bytes at a time.
 
+    Chunks the image itself maps as zeros (holes of a sparse raw file, zero or unallocated
+    clusters of a qcow2 without backing file) are passed on as zeros without being read.
     A helper thread reads the next chunk into a page-aligned buffer and hashes its clusters
     while the current chunk is written (the write releases the GIL), as qemu-img overlaps I/O.
     """
     size = image.virtual_size
-    offsets = list(range(0, size, CHUNK))
+    zeros = _zero_ranges(image)
+    chunks = [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
+    to_read = [c for c in chunks if not _covered(zeros, c[0], c[0] + c[1])]
     buffers = [mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK)]
     cluster_size = disk.cluster_size
     try:
         with ThreadPoolExecutor(1) as reader:
-            pending = reader.submit(_read_chunk, image, offsets[0], buffers[0], cluster_size)
-            for i, offset in enumerate(offsets):
-                view, digests = pending.result()
-                if i + 1 < len(offsets):
-                    pending = reader.submit(
-                        _read_chunk, image, offsets[i + 1], buffers[(i + 1) % 2], cluster_size
-                    )
-                disk.write(offset, view, digests=digests)
+
+            def submit(k: int) -> Future[tuple[memoryview, list[bytes]]] | None:
+                if k >= len(to_read):
+                    return None
+                offset = to_read[k][0]
+                return reader.submit(_read_chunk, image, offset, buffers[k % 2], cluster_size)
+
+            pending, k = submit(0), 0
+            for offset, length in chunks:
+                if pending is None or to_read[k][0] != offset:
+                    disk.zero(offset, length)
+                else:
+                    view, digests = pending.result()
+                    k += 1
+                    pending = submit(k)
+                    disk.write(offset, view, digests=digests)
+                    view.release()
                 if progress is not None:
-                    progress(len(view))
-                view.release()
+                    progress(length)
     finally:
         for buffer in buffers:
             with contextlib.suppress(BufferError):
                 buffer.close()
+
+
+def _zero_ranges(image: Qcow2Image | RawImage) -> list[tuple[int, int]]:
+    """Guest ranges the image's own mapping says read as zeros, sorted and merged."""
+    ranges: list[tuple[int, int]] = []
+    for run in image.runs():
+        if run.kind is RunKind.ZERO or (run.kind is RunKind.BACKING and image.backing is None):
+            end = run.guest_offset + run.length
+            if ranges and ranges[-1][1] == run.guest_offset:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((run.guest_offset, end))
+    return ranges
+
+
+def _covered(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    """True when [start, end) lies inside one of the sorted, merged `ranges`."""
+    i = bisect.bisect_right(ranges, (start, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= start and end <= ranges[i][1]
 
 
 def _read_chunk(
