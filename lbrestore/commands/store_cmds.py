@@ -101,7 +101,7 @@ def _file_info(
     info.update(exists=True, file_bytes=path.stat().st_size)
     stored = None if own_clusters is None else own_clusters.get(point.id)
     if stored is None:
-        info["checksum_state"] = "unreadable file"
+        info["checksum_state"] = "chain unreadable"
     elif stored == state["clusters"]:
         info["checksum_state"] = "complete"
     else:
