@@ -150,21 +150,20 @@ class ChainView:
         start = index * self.range_size
         end = min(start + self.range_size, self.virtual_size)
         found: list[_Segment] = []
-        pending = [(start, end)]
+        # Still unresolved: sorted, disjoint ranges kept as two parallel lists of bounds, so
+        # the ranges an overlay leaves to its backing file pass through as list slices.
+        starts, ends = [start], [end]
         for layer, image in enumerate(self._images):
-            if not pending:
+            if not starts:
                 break
-            inside = pending
-            if pending[-1][1] > image.virtual_size:
-                inside = []
-                for s, e in pending:
-                    limit = min(e, image.virtual_size)
-                    if s < limit:
-                        inside.append((s, limit))
-                    if max(s, limit) < e:  # past this file's end: zeros, as QEMU reads them
-                        found.append(_Segment(max(s, limit), e, ViewKind.ZERO, -1, 0))
-            pending = self._layer_runs(layer, image, inside, found) if inside else []
-        found.extend(_Segment(s, e, ViewKind.ZERO, -1, 0) for s, e in pending)
+            if ends[-1] > image.virtual_size:
+                starts, ends = self._clip_to(image.virtual_size, starts, ends, found)
+                if not starts:
+                    break
+            starts, ends = self._layer_runs(layer, image, starts, ends, found)
+        found.extend(
+            _Segment(s, e, ViewKind.ZERO, -1, 0) for s, e in zip(starts, ends, strict=True)
+        )
         found.sort(key=lambda seg: seg.start)
         segments = _coalesce(found)
         position = start
@@ -177,39 +176,50 @@ class ChainView:
         return segments
 
     @staticmethod
-    def _layer_runs(
-        layer: int, image: Qcow2Image, wanted: list[tuple[int, int]], found: list[_Segment]
-    ) -> list[tuple[int, int]]:
-        """Add what `image` itself stores within the sorted `wanted` ranges to `found`;
-        return the parts it leaves to its backing file.
+    def _clip_to(
+        size: int, starts: list[int], ends: list[int], found: list[_Segment]
+    ) -> tuple[list[int], list[int]]:
+        """The ranges below `size`; what lies past a file's end reads as zeros (QEMU's rule)."""
+        inside_starts, inside_ends = [], []
+        for s, e in zip(starts, ends, strict=True):
+            if s < size:
+                inside_starts.append(s)
+                inside_ends.append(min(e, size))
+            if max(s, size) < e:
+                found.append(_Segment(max(s, size), e, ViewKind.ZERO, -1, 0))
+        return inside_starts, inside_ends
 
-        A BACKING run passes the wanted ranges inside it through as a slice, so a mostly
+    @staticmethod
+    def _layer_runs(
+        layer: int, image: Qcow2Image, starts: list[int], ends: list[int], found: list[_Segment]
+    ) -> tuple[list[int], list[int]]:
+        """Add what `image` itself stores within the wanted ranges to `found`; return the
+        ranges it leaves to its backing file.
+
+        A BACKING run passes the wanted ranges inside it through as slices, so a mostly
         unallocated overlay costs O(its own runs), not O(fragments below it).
         """
-        backing: list[tuple[int, int]] = []
-        starts = [w[0] for w in wanted]
-        ends = [w[1] for w in wanted]
-        first, last = wanted[0][0], wanted[-1][1]
+        out_starts: list[int] = []
+        out_ends: list[int] = []
         i = 0
-        for run in image.runs(first, last - first):
+        for run in image.runs(starts[0], ends[-1] - starts[0]):
             run_start, run_end = run.guest_offset, run.guest_offset + run.length
             i = bisect.bisect_right(ends, run_start, lo=i)
             j = bisect.bisect_left(starts, run_end, lo=i)
             if i >= j:
                 continue
             if run.kind is RunKind.BACKING:
-                part = wanted[i:j]
-                if part[0][0] < run_start:
-                    part[0] = (run_start, part[0][1])
-                if part[-1][1] > run_end:
-                    part[-1] = (part[-1][0], run_end)
-                backing.extend(part)
+                part_starts, part_ends = starts[i:j], ends[i:j]
+                part_starts[0] = max(part_starts[0], run_start)
+                part_ends[-1] = min(part_ends[-1], run_end)
+                out_starts.extend(part_starts)
+                out_ends.extend(part_ends)
                 continue
-            for lo, hi in wanted[i:j]:
-                lo, hi = max(lo, run_start), min(hi, run_end)
+            for k in range(i, j):
+                lo, hi = max(starts[k], run_start), min(ends[k], run_end)
                 if lo < hi:
-                    _add_piece(run, layer, lo, hi, found, backing)
-        return backing
+                    _add_piece(run, layer, lo, hi, found)
+        return out_starts, out_ends
 
     def _segments(self, offset: int, end: int) -> Iterator[_Segment]:
         """The segments covering [offset, end), unclipped, in order."""
@@ -326,13 +336,9 @@ def _zero_fill(dest: memoryview) -> None:
         part[:] = _ZEROS[: len(part)]
 
 
-def _add_piece(
-    run: Run, layer: int, lo: int, hi: int, found: list[_Segment], backing: list[tuple[int, int]]
-) -> None:
-    """File `[lo, hi)` of `run` under found segments, or under backing ranges."""
-    if run.kind is RunKind.BACKING:
-        backing.append((lo, hi))
-    elif run.kind is RunKind.ZERO:
+def _add_piece(run: Run, layer: int, lo: int, hi: int, found: list[_Segment]) -> None:
+    """File `[lo, hi)` of a run this file stores itself (not BACKING) under found segments."""
+    if run.kind is RunKind.ZERO:
         found.append(_Segment(lo, hi, ViewKind.ZERO, -1, 0))
     elif run.kind is RunKind.DATA:
         assert run.host_offset is not None
