@@ -28,6 +28,7 @@ from pathlib import Path
 
 import blake3
 
+from lbstore.chain import disk_chain
 from lbstore.errors import Qcow2Error, StoreError
 from lbstore.index import CHECKSUM_CHUNK_CLUSTERS
 from lbstore.model import DiskRecord, RestorePoint, utc_iso
@@ -266,12 +267,14 @@ def damaged_points(store: Store, damaged: Sequence[FileDamage]) -> list[DamagedP
     bad = {(d.point_id, d.disk): d for d in damaged}
     result = []
     for vm in sorted({d.vm for d in damaged}):
-        for candidate in store.restore_points(vm):
+        points = store.restore_points(vm)
+        by_id = {p.id: p for p in points}  # one query per VM, not one per point and disk
+        for candidate in points:
             files = [
-                bad[(link.id, disk.name)]
+                bad[(link, disk.name)]
                 for disk in candidate.disks
-                for link in store.chain(candidate, disk.name)
-                if (link.id, disk.name) in bad
+                for link in disk_chain(candidate, disk.name, by_id)
+                if (link, disk.name) in bad
             ]
             if files:
                 result.append(DamagedPoint(candidate, tuple(files)))
