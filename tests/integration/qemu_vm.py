@@ -82,6 +82,7 @@ class Disk:
     path: Path
     size: int
     hotplugged: bool = False
+    anonymous: bool = False  # attached to a device without an id: named by its node
 
     @property
     def node(self) -> str:
@@ -144,13 +145,14 @@ class TestVM:
             "-device", "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:12:34:56",
         ]  # fmt: skip
         for disk in self.disks.values():
+            device = f"virtio-blk-pci,drive={disk.node}"
             args += [
                 "-blockdev",
                 f"driver=file,filename={disk.path},node-name={disk.file_node}",
                 "-blockdev",
                 f"driver=qcow2,file={disk.file_node},node-name={disk.node}",
                 "-device",
-                f"virtio-blk-pci,drive={disk.node},id={disk.name}",
+                device if disk.anonymous else f"{device},id={disk.name}",
             ]
         self._free_ports = [f"rp{i}" for i in range(SPARE_ROOT_PORTS)]
         for i, port in enumerate(self._free_ports):

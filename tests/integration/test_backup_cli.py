@@ -80,3 +80,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def test_a_disk_without_device_id_is_named_by_its_node(make_vm, store_path, tmp_path) -> None:
+    vm = make_vm({"vda": 16 * MiB})
+    vm.quit()
+    anon = vm.create_disk("anon", 16 * MiB)
+    anon.anonymous = True
+    vm.start()
+    vm.qemu_io("vda", "write -P 0xb1 0 64k")
+    done = lbrestore(store_path, "backup", "vm1", "--qmp", vm.qmp_address, "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert [d["name"] for d in summary["disks"]] == ["vda", anon.node]
+    listed = json.loads(lbrestore(store_path, "list", "--json").stdout)
+    assert sorted(d["name"] for d in listed[0]["disks"]) == [anon.node, "vda"]
+    unknown = lbrestore(store_path, "backup", "vm1", "--qmp", vm.qmp_address, "--disk", "anon")
+    assert unknown.returncode == 2 and anon.node in unknown.stderr
