@@ -266,7 +266,8 @@ def _run_verify(
     vm: str | None = None
     to_boot: RestorePoint | None = None
     if address is not None and "@" in address:
-        point = to_boot = store.resolve(address)
+        point = store.resolve(address)
+        to_boot = point if boot else None
     elif address is not None:
         vm = check_vm_name(address)
         if boot:

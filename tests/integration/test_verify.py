@@ -155,6 +155,7 @@ def test_scope_of_a_single_point(store: Path) -> None:
     flip(path, own_data_ranges(path)[0]["offset"] + 5)
     clean_code, clean = verify(store, "vm1@#5")  # its chains: vda 4 <- 5, vdb 1..5
     assert clean_code == 0 and clean["files_checked"] == 7
+    assert clean["boot"] is None  # no boot unless --boot
     code, report = verify(store, "vm1@#3")
     assert code == 3 and damaged_ids(report) == [2, 3]
     other_vm, _ = verify(store, "vm2")
