@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import blake3
@@ -72,11 +73,15 @@ def test_import_list_info(tmp_path: Path) -> None:
     assert [p["id"] for p in json.loads(ok(lbrestore(store, "list", "vm2", "--json")))] == [3]
     assert json.loads(ok(lbrestore(store, "list", "nobody", "--json"))) == []
 
+    two_hours_ago = (datetime.now(UTC) - timedelta(hours=2, minutes=5)).isoformat()
+    ok(lbrestore(store, "import", "vm3", "--disk", f"vda={raw}", "--at", two_hours_ago))
     human = ok(lbrestore(store, "list")).splitlines()
     assert human[0].split() == ["ID", "VM", "CREATED", "(UTC)", "AGE", "KIND", "DISKS", "STORED"]
-    assert human[1].split()[:5] == ["#1", "vm1", "2026-11-27", "08:00:00", human[1].split()[4]]
-    assert human[1].split()[4].endswith(" ago") or "ago" in human[1]
+    assert human[1].split()[:4] == ["#1", "vm1", "2026-11-27", "08:00:00"]
     assert "vda,vdb" in human[1] and "3.0 MiB" in human[1]
+    rows = {line.split()[0]: line for line in human[1:]}
+    assert [line.split()[0] for line in human[1:]] == ["#1", "#4", "#2", "#3"]  # oldest first
+    assert "2h ago" in rows["#4"] and "just now" in rows["#3"]
 
     info = json.loads(ok(lbrestore(store, "info", "vm1@latest", "--json")))
     assert info["id"] == 2 and info["kind"] == "resync"
