@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import time
@@ -295,3 +296,42 @@ def test_no_verify_skips_checksums_and_a_read_error_fails_cleanly(
     assert "past end of file" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_nbd_restore_over_tcp_on_loopback(known: KnownStore, tmp_path: Path) -> None:
+    """nbd://127.0.0.1:PORT/EXPORT; the port comes from binding port 0, handed to qemu-nbd by
+    socket activation (LISTEN_FDS), so no other process can take it in between."""
+    point = known.point_ids[1]
+    size = known.expected[(point, "vdb")].stat().st_size
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xee" * size)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    os.set_inheritable(listener.fileno(), True)
+    server = subprocess.Popen(
+        [
+            "bash",  # dash cannot name fds above 9
+            "-c",
+            f"exec 3<&{listener.fileno()}; LISTEN_PID=$$ LISTEN_FDS=1 exec qemu-nbd "
+            f'-f raw -x disk --persistent "{target}"',
+        ],
+        pass_fds=[listener.fileno()],
+    )
+    listener.close()
+    try:
+        result = lbrestore(
+            known.path,
+            "restore",
+            f"vm1@#{point}",
+            "--disk",
+            "vdb",
+            "--to",
+            f"nbd://127.0.0.1:{port}/disk",
+        )
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.terminate()
+        server.wait()
+    assert compare(target, known.expected[(point, "vdb")], "raw").returncode == 0
