@@ -389,6 +389,10 @@ class _Handoff:
     async def get(self) -> Any:
         """Loop side: the next item. `ready` is set on the loop's own thread, so clearing it
         before looking at the queue cannot lose a wake-up."""
+        # Yield to the loop once per item even when the queue is full: a cancellation (Ctrl-C)
+        # is only delivered at a suspension point, and a store slower than the reader would
+        # otherwise never suspend until the pull is over.
+        await asyncio.sleep(0)
         while True:
             try:
                 return self.queue.get_nowait()
