@@ -151,13 +151,16 @@ async def prepare(session: QmpSession, plans: Iterable[DiskPlan]) -> None:
 
 
 def transaction_actions(plans: Iterable[DiskPlan]) -> list[dict[str, Any]]:
-    """The bitmap part of the backup's transaction: add each new bitmap, freeze each old one."""
+    """The bitmap part of the backup's transaction: add each new bitmap, freeze each old one.
+
+    Bitmaps are persistent where the format can store them (qcow2); on other disks they live
+    as long as the QEMU process, and a restart means a resync."""
     actions: list[dict[str, Any]] = []
     for plan in plans:
         actions.append(
             {
                 "type": "block-dirty-bitmap-add",
-                "data": _node(plan, name=plan.new_bitmap, persistent=True),
+                "data": _node(plan, name=plan.new_bitmap, persistent=plan.disk.can_persist_bitmaps),
             }
         )
         if plan.old_bitmap:

@@ -55,6 +55,12 @@ class DiskInfo:
     qdev: str | None
     device_id: str | None
     bitmaps: tuple[BitmapInfo, ...] = ()
+    read_only: bool = False
+
+    @property
+    def can_persist_bitmaps(self) -> bool:
+        """Only a writable qcow2 node stores dirty bitmaps across QEMU restarts."""
+        return self.format == "qcow2" and not self.read_only
 
     def bitmap(self, name: str) -> BitmapInfo | None:
         return next((b for b in self.bitmaps if b.name == name), None)
@@ -104,15 +110,17 @@ async def list_disks(session: QmpSession) -> list[DiskInfo]:
                 qdev=qdev,
                 device_id=dev_id,
                 bitmaps=bitmaps.get(node, ()),
+                read_only=bool(inserted.get("ro", False)),
             )
         )
     return disks
 
 
 def choose_disks(disks: list[DiskInfo], names: list[str] | tuple[str, ...]) -> list[DiskInfo]:
-    """The disks named by `--disk` (all when none named); an unknown name is DiskSelectionError."""
+    """The disks named by `--disk`; an unknown name is DiskSelectionError. Without names: every
+    writable disk (a read-only medium such as a CD-ROM never changes; name it to include it)."""
     if not names:
-        return list(disks)
+        return [d for d in disks if not d.read_only]
     by_name = {d.name: d for d in disks}
     unknown = [n for n in names if n not in by_name]
     if unknown:

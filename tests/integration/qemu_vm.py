@@ -83,6 +83,7 @@ class Disk:
     size: int
     hotplugged: bool = False
     anonymous: bool = False  # attached to a device without an id: named by its node
+    fmt: str = "qcow2"
 
     @property
     def node(self) -> str:
@@ -121,13 +122,11 @@ class TestVM:
     def ctl_socket(self) -> Path:
         return self.workdir / "ctl.sock"
 
-    def create_disk(self, name: str, size: int) -> Disk:
-        """Create the qcow2 file of a disk (not yet attached)."""
-        path = self.workdir / f"{name}.qcow2"
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True
-        )
-        disk = Disk(name, path, size)
+    def create_disk(self, name: str, size: int, fmt: str = "qcow2") -> Disk:
+        """Create the image file of a disk (qcow2 or raw; not yet attached)."""
+        path = self.workdir / f"{name}.{fmt}"
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)], check=True)
+        disk = Disk(name, path, size, fmt=fmt)
         self.disks[name] = disk
         return disk
 
@@ -150,7 +149,7 @@ class TestVM:
                 "-blockdev",
                 f"driver=file,filename={disk.path},node-name={disk.file_node}",
                 "-blockdev",
-                f"driver=qcow2,file={disk.file_node},node-name={disk.node}",
+                f"driver={disk.fmt},file={disk.file_node},node-name={disk.node}",
                 "-device",
                 device if disk.anonymous else f"{device},id={disk.name}",
             ]
@@ -208,7 +207,7 @@ class TestVM:
         self.cmd("stop")
         try:
             subprocess.run(
-                ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw",
+                ["qemu-img", "convert", "-U", "-f", self.disks[disk].fmt, "-O", "raw",
                  str(self.disks[disk].path), str(dest)],
                 check=True,
             )  # fmt: skip
@@ -224,7 +223,7 @@ class TestVM:
             for name, disk in self.disks.items():
                 dest = dest_dir / f"{tag}-{name}.raw"
                 subprocess.run(
-                    ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw",
+                    ["qemu-img", "convert", "-U", "-f", disk.fmt, "-O", "raw",
                      str(disk.path), str(dest)],
                     check=True,
                 )  # fmt: skip

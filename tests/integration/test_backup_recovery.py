@@ -183,3 +183,28 @@ def test_second_store_does_not_disturb_the_first(make_vm, tmp_path) -> None:
     assert b2.kind == "incremental" and b2.disks[0].bytes_read == 64 * 1024
     assert_point_equals(store_b, b2.point_id, snaps)
     assert len(our_bitmaps(vm, "vda")) == 2
+
+
+def test_raw_disk_bitmap_lives_as_long_as_qemu(make_vm, store_path, tmp_path) -> None:
+    vm = make_vm({"vda": 16 * MiB})
+    vm.quit()
+    vm.create_disk("vdb", 16 * MiB, fmt="raw")
+    vm.start()
+    vm.qemu_io("vdb", "write -P 0x61 0 1M")
+    backup(store_path, vm)
+    assert [b["persistent"] for b in our_bitmaps(vm, "vdb")] == [False]
+    vm.qemu_io("vdb", "write -P 0x62 2M 64k")
+    snaps = vm.snapshot_all(tmp_path, "raw1")
+    inc = backup(store_path, vm)
+    assert [(d.name, d.mode, d.bytes_read) for d in inc.disks] == [
+        ("vda", "incremental", 0),
+        ("vdb", "incremental", 64 * 1024),
+    ]
+    assert_point_equals(store_path, inc.point_id, snaps)
+    vm.restart()  # the raw disk's bitmap is gone, the qcow2 one persisted
+    vm.qemu_io("vdb", "write -P 0x63 3M 64k")
+    snaps = vm.snapshot_all(tmp_path, "raw2")
+    after = backup(store_path, vm)
+    modes = {d.name: (d.mode, d.reason) for d in after.disks}
+    assert modes == {"vda": ("incremental", None), "vdb": ("resync", "bitmap missing")}
+    assert_point_equals(store_path, after.point_id, snaps)

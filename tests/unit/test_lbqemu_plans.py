@@ -128,6 +128,16 @@ def test_plan_folds_leftovers_of_an_interrupted_backup_into_the_oldest() -> None
     assert plan.fold == ("lbr-S-4", "lbr-S-5")
 
 
+def test_bitmaps_persist_only_on_writable_qcow2() -> None:
+    raw = DiskInfo("vdb", "fmt-vdb", 16 * C, "raw", C, None, None, "vdb")
+    ro = DiskInfo("cd0", "fmt-cd0", 16 * C, "qcow2", C, None, None, "cd0", read_only=True)
+    plans = [plan_disk(d, store_id="S", token="1", last_size=None) for d in (disk(), raw, ro)]
+    added = [a["data"]["persistent"] for a in transaction_actions(plans)]
+    assert added == [True, False, False]
+    assert [d.name for d in choose_disks([disk(), raw, ro], [])] == ["vda", "vdb"]
+    assert [d.name for d in choose_disks([disk(), raw, ro], ["cd0"])] == ["cd0"]
+
+
 def test_plan_new_disk_and_forced_full() -> None:
     new = plan_disk(disk(bitmaps=(bm("lbr-S-1"),)), store_id="S", token="2", last_size=None)
     assert new.mode == "full" and new.drop == ("lbr-S-1",) and new.old_bitmap is None
