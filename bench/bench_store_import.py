@@ -7,7 +7,8 @@ whole command). qemu-img convert's default cache mode does not flush its output,
 the main ratio is against `qemu-img convert -t writeback` (flushes on close), like for like;
 the plain command is printed too. Both run as child processes, best of LBR_BENCH_ROUNDS
 (default 3), alternating which goes first; the image is read once first so both read from the
-page cache. Prints throughputs, `ratio (ours/theirs)` (target >= 0.8) and our peak RSS.
+page cache. Prints throughputs, `ratio (ours/theirs)` (target >= 0.8) and our peak RSS; on a
+shared, busy host wall times swing widely, so the CPU seconds of each side are printed too.
 
 Size: LBR_BENCH_MIB (default 1024). Work folder: LBR_BENCH_DIR, else the system temp folder.
 Not a test: it never fails on time.
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MIB = 1 << 20
@@ -35,19 +37,28 @@ def make_raw(path: Path, size: int) -> None:
         raw.write(os.urandom(size % CHUNK))
 
 
-def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall time and peak RSS (KiB) of one child process."""
+@dataclass
+class Sample:
+    """One child's wall time, CPU time (user + system) and peak RSS (KiB)."""
+
+    wall: float
+    cpu: float
+    rss: int
+
+
+def timed(command: list[str]) -> Sample:
+    """Run one child process and measure it."""
     began = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - began
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}")
-    return elapsed, usage.ru_maxrss
+    return Sample(elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 
 
-def run_ours(work: Path, raw: Path, round_no: int) -> tuple[float, int]:
+def run_ours(work: Path, raw: Path, round_no: int) -> Sample:
     store = work / f"store{round_no}"
     shutil.rmtree(store, ignore_errors=True)
     lbrestore = [sys.executable, "-m", "lbrestore", "--store", str(store)]
@@ -57,15 +68,13 @@ def run_ours(work: Path, raw: Path, round_no: int) -> tuple[float, int]:
     return result
 
 
-def run_theirs(work: Path, raw: Path, flush: bool) -> float:
+def run_theirs(work: Path, raw: Path, flush: bool) -> Sample:
     out = work / "theirs.qcow2"
     out.unlink(missing_ok=True)
     cache = ["-t", "writeback"] if flush else []
-    elapsed, _ = timed(
-        ["qemu-img", "convert", *cache, "-f", "raw", "-O", "qcow2", str(raw), str(out)]
-    )
+    result = timed(["qemu-img", "convert", *cache, "-f", "raw", "-O", "qcow2", str(raw), str(out)])
     out.unlink()
-    return elapsed
+    return result
 
 
 def main() -> None:
@@ -79,28 +88,52 @@ def main() -> None:
         with raw.open("rb") as f:  # warm the page cache for both sides
             while f.read(CHUNK):
                 pass
-        ours, theirs, theirs_unsafe, rss = [], [], [], 0
+        ours: list[Sample] = []
+        theirs: list[Sample] = []
+        unsafe: list[Sample] = []
         for round_no in range(rounds):
             order = ["ours", "theirs"] if round_no % 2 == 0 else ["theirs", "ours"]
             for who in order:
                 if who == "ours":
-                    elapsed, peak = run_ours(work, raw, round_no)
-                    ours.append(elapsed)
-                    rss = max(rss, peak)
+                    ours.append(run_ours(work, raw, round_no))
                 else:
                     theirs.append(run_theirs(work, raw, flush=True))
-                    theirs_unsafe.append(run_theirs(work, raw, flush=False))
-        mib = size / MIB
-        best_ours, best_theirs, best_unsafe = min(ours), min(theirs), min(theirs_unsafe)
-        print(f"image: {mib:.0f} MiB fully allocated, best of {rounds} rounds")
-        print(f"lbrestore import (checksums, fsync, index): {mib / best_ours:8.1f} MiB/s")
-        print(f"qemu-img convert -O qcow2 -t writeback:      {mib / best_theirs:8.1f} MiB/s")
-        print(f"qemu-img convert -O qcow2 (no flush):        {mib / best_unsafe:8.1f} MiB/s")
-        print(f"ratio (ours/theirs): {best_theirs / best_ours:.2f}  (target >= 0.8)")
-        print(f"ratio (ours/theirs, no-flush qemu-img): {best_unsafe / best_ours:.2f}")
-        print(f"peak RSS of lbrestore import: {rss / 1024:.1f} MiB")
+                    unsafe.append(run_theirs(work, raw, flush=False))
+        report(size, rounds, ours, theirs, unsafe)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def report(
+    size: int, rounds: int, ours: list[Sample], theirs: list[Sample], unsafe: list[Sample]
+) -> None:
+    """Print throughputs (best wall time), CPU seconds (best) and the ratios."""
+    mib = size / MIB
+    wall = {
+        name: min(s.wall for s in samples)
+        for name, samples in (("ours", ours), ("theirs", theirs), ("unsafe", unsafe))
+    }
+    cpu = {
+        name: min(s.cpu for s in samples)
+        for name, samples in (("ours", ours), ("theirs", theirs), ("unsafe", unsafe))
+    }
+    print(f"image: {mib:.0f} MiB fully allocated, best of {rounds} rounds")
+    print(
+        f"lbrestore import (checksums, fsync, index): {mib / wall['ours']:8.1f} MiB/s, "
+        f"CPU {cpu['ours']:.2f} s"
+    )
+    print(
+        f"qemu-img convert -O qcow2 -t writeback:      {mib / wall['theirs']:8.1f} MiB/s, "
+        f"CPU {cpu['theirs']:.2f} s"
+    )
+    print(
+        f"qemu-img convert -O qcow2 (no flush):        {mib / wall['unsafe']:8.1f} MiB/s, "
+        f"CPU {cpu['unsafe']:.2f} s"
+    )
+    print(f"ratio (ours/theirs): {wall['theirs'] / wall['ours']:.2f}  (target >= 0.8)")
+    print(f"ratio (ours/theirs, no-flush qemu-img): {wall['unsafe'] / wall['ours']:.2f}")
+    print(f"ratio (ours/theirs, CPU seconds, theirs/ours): {cpu['theirs'] / cpu['ours']:.2f}")
+    print(f"peak RSS of lbrestore import: {max(s.rss for s in ours) / 1024:.1f} MiB")
 
 
 if __name__ == "__main__":
