@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lbstore.chain import disk_chain, parse_address, select_point
 from lbstore.errors import (
@@ -35,13 +35,11 @@ from lbstore.errors import (
     StorePathError,
 )
 from lbstore.index import INDEX_NAME, Index
+from lbstore.ingest import Ingest
 from lbstore.lock import StoreLock
 from lbstore.model import DiskRecord, RestorePoint, parse_utc
 from lbstore.names import check_disk_name, check_vm_name, is_valid_name
-
-if TYPE_CHECKING:
-    from lbstore.ingest import Ingest
-    from lbstore.view import ChainView
+from lbstore.view import ChainView
 
 __all__ = ["DiskRecord", "RestorePoint", "Store"]
 
@@ -295,8 +293,6 @@ class Store:
 
     def view(self, point: RestorePoint, disk: str) -> ChainView:
         """A read view of `disk` at `point` across its chain (close it, or use `with`)."""
-        from lbstore.view import ChainView
-
         self.file_path(point, disk)
         layers = [(p.id, self.file_path(p, disk)) for p in self.chain(point, disk)]
         for _, path in layers:
@@ -344,8 +340,6 @@ class Store:
         definition: dict[str, Any] | None = None,
     ) -> Ingest:
         """Start writing a restore point of `vm` (write mode only; one at a time)."""
-        from lbstore.ingest import Ingest
-
         if not self.write:
             raise ReadOnlyStoreError("writing a restore point")
         if self._ingest is not None:
