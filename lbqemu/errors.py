@@ -176,3 +176,15 @@ class PullCancelledError(QemuError):
     def __init__(self, export: str) -> None:
         self.export = export
         super().__init__(f"NBD export {export}: pull cancelled")
+
+
+class BackupInProgressError(QemuError):
+    """Another receiver on this host is backing up the same VM right now (its `pid`)."""
+
+    def __init__(self, pid: int, scratch: str) -> None:
+        self.pid = pid
+        self.scratch = scratch
+        super().__init__(
+            f"another backup of this VM is running (process {pid}, scratch folder {scratch}): "
+            "QEMU has one NBD server, so backups of one VM run one at a time"
+        )

@@ -18,7 +18,9 @@ receiver that was killed can be recognised and removed (`remove_leftovers`).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -29,6 +31,7 @@ from typing import Any
 from lbqemu.discovery import DiskInfo
 from lbqemu.errors import (
     AddressError,
+    BackupInProgressError,
     InsecureTransportError,
     QemuError,
     QemuJobError,
@@ -37,6 +40,7 @@ from lbqemu.errors import (
 from lbqemu.qmp import JobWatch, QmpSession, parse_address
 
 SCRATCH_PREFIX = "lbr-scratch-"
+OWNER_FILE = "owner"  # "<host> <pid>" of the receiver that made the scratch folder
 JOB_TIMEOUT = 60.0
 UNIX_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes on Linux, with its NUL
 
@@ -165,6 +169,7 @@ class PointInTimeView:
         parent = str(self.scratch_parent) if self.scratch_parent else None
         self._scratch_dir = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
         self._undo.append(("scratch-dir", self._scratch_dir))
+        (self._scratch_dir / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         socket_dir = self._scratch_dir
         if len(str(socket_dir / "nbd.sock")) > UNIX_PATH_MAX:
             # A unix socket path has a hard length limit: use a short folder of our own.
@@ -327,8 +332,14 @@ async def _blockdev_del(session: QmpSession, node: str) -> None:
 async def remove_leftovers(session: QmpSession) -> list[str]:
     """Remove exports, jobs and scratch nodes a killed receiver left in QEMU; returns what.
 
+    A receiver on this host that is still alive is not a leftover: BackupInProgressError.
+
     The NBD server is stopped too when no other export remains, so that the next backup can
     start its own."""
+    nodes = await session.execute("query-named-block-nodes", {"flat": True})
+    for node in nodes:
+        if str(node.get("node-name", "")).startswith("lbr-fs"):
+            _refuse_if_owner_alive(node.get("image", {}).get("filename") or node.get("file"))
     removed: list[str] = []
     exports = await session.execute("query-block-exports")
     for exp in exports:
@@ -359,6 +370,27 @@ async def remove_leftovers(session: QmpSession) -> list[str]:
         with contextlib.suppress(QmpCommandError):
             await session.execute("nbd-server-stop")
     return removed
+
+
+def _refuse_if_owner_alive(filename: object) -> None:
+    """BackupInProgressError when a scratch file belongs to a live receiver on this host."""
+    if not isinstance(filename, str):
+        return
+    folder = Path(filename).parent
+    try:
+        host, pid_text = (folder / OWNER_FILE).read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return  # not readable here (QEMU on another host?) or not ours: a leftover
+    if host != socket.gethostname() or pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass  # alive, owned by someone else
+    raise BackupInProgressError(pid, str(folder))
 
 
 def _remove_scratch_file(filename: object) -> None:

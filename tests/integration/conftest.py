@@ -47,7 +47,8 @@ def backup(
     **options: Any,
 ) -> BackupSummary:
     """One backup of `vm` into the store, in this process (as `lbrestore backup` does it)."""
-    opts = BackupOptions(vm=vm.name, qmp=vm.qmp_address, **options)
+    options.setdefault("qmp", vm.qmp_address)
+    opts = BackupOptions(vm=vm.name, **options)
     with Store.open(store_path, write=True) as store:
         return asyncio.run(run_backup(store, opts, hooks))
 

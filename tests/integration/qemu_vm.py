@@ -119,6 +119,11 @@ class TestVM:
         return f"unix:{self.qmp_socket}"
 
     @property
+    def second_qmp_address(self) -> str:
+        """Another QMP monitor for code under test (two receivers at once)."""
+        return f"unix:{self.workdir / 'qmp2.sock'}"
+
+    @property
     def ctl_socket(self) -> Path:
         return self.workdir / "ctl.sock"
 
@@ -140,6 +145,7 @@ class TestVM:
             "-S", "-nodefaults", "-display", "none",
             "-qmp", f"unix:{self.ctl_socket},server=on,wait=off",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-qmp", f"{self.second_qmp_address},server=on,wait=off",
             "-netdev", "user,id=hostnet0,restrict=on",
             "-device", "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:12:34:56",
         ]  # fmt: skip
@@ -160,7 +166,7 @@ class TestVM:
 
     def start(self) -> None:
         """Launch QEMU and connect the harness monitor, retrying until QEMU accepts."""
-        for sock in (self.ctl_socket, self.qmp_socket):
+        for sock in (self.ctl_socket, self.qmp_socket, self.workdir / "qmp2.sock"):
             sock.unlink(missing_ok=True)
         args = self.command_line()
         log = open(self.workdir / "qemu.log", "ab")  # noqa: SIM115 - lives as long as QEMU

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import MiB, assert_point_equals, backup, our_bitmaps, points
 from qemu_vm import TestVM
 
+from lbqemu.errors import BackupInProgressError
 from lbstore.store import Store
 
 HERE = Path(__file__).parent
@@ -208,3 +210,29 @@ def test_raw_disk_bitmap_lives_as_long_as_qemu(make_vm, store_path, tmp_path) ->
     modes = {d.name: (d.mode, d.reason) for d in after.disks}
     assert modes == {"vda": ("incremental", None), "vdb": ("resync", "bitmap missing")}
     assert_point_equals(store_path, after.point_id, snaps)
+
+
+def test_a_second_backup_while_one_runs_is_refused(make_vm, tmp_path) -> None:
+    store_a, store_b = tmp_path / "a", tmp_path / "b"
+    Store.init(store_a)
+    Store.init(store_b)
+    vm = make_vm({"vda": 16 * MiB})
+    vm.qemu_io("vda", "write -P 0x71 0 8M")
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "slow_backup.py"), str(store_a), vm.qmp_address, vm.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("READ"):
+            break
+    # Through another QMP monitor (on one monitor, the second receiver would just wait).
+    with pytest.raises(BackupInProgressError) as info:
+        backup(store_b, vm, qmp=vm.second_qmp_address)
+    assert info.value.pid == proc.pid
+    rest = proc.stdout.read()
+    assert proc.wait() == 0 and "DONE" in rest  # the running backup was not disturbed
+    assert points(store_a) == [(1, "full")] and points(store_b) == []
