@@ -33,7 +33,6 @@ from lbqemu.errors import (
     AddressError,
     BackupInProgressError,
     InsecureTransportError,
-    QemuError,
     QemuJobError,
     QmpCommandError,
 )
@@ -293,7 +292,7 @@ class PointInTimeView:
             kind, what = self._undo.pop()
             try:
                 await self._undo_one(kind, what)
-            except (QemuError, OSError) as exc:
+            except Exception as exc:  # every later step (the scratch files) must still run
                 self.teardown_problems.append(f"{kind} {what}: {exc}")
         if self._stack is not None:
             await self._stack.aclose()

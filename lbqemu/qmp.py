@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, QMPClient
+from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from lbqemu.errors import (
@@ -102,7 +102,9 @@ class QmpSession:
             raise QmpCommandError(command, str(exc), exc.error_class) from exc
         except TimeoutError as exc:
             raise QmpTimeoutError(command, limit) from exc
-        except (ExecInterruptedError, EOFError, OSError) as exc:
+        except (QMPError, EOFError, OSError) as exc:
+            # ExecInterruptedError, StateError (disconnecting), protocol errors: the session
+            # is gone or unusable.
             raise QmpDisconnectedError(self.address, str(exc) or type(exc).__name__) from exc
 
     async def transaction(self, actions: list[dict[str, Any]]) -> None:

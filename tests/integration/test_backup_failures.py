@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import MiB, assert_point_equals, backup, our_bitmaps, points
 
-from lbqemu.errors import NbdError, QmpCommandError
+from lbqemu.errors import NbdError, QemuError, QmpCommandError
 from lbrestore.backup import BackupHooks
 
 HERE = Path(__file__).parent
@@ -94,3 +94,24 @@ def test_qmp_error_after_the_transaction(make_vm, store_path, tmp_path) -> None:
     assert info.value.command == "nbd-server-start"
     vm.cmd("nbd-server-stop")
     assert_clean_and_covered(vm, store_path, tmp_path, [(first.point_id, "full")])
+
+
+def test_qemu_dying_mid_pull_is_one_clear_error(make_vm, store_path, tmp_path) -> None:
+    vm = make_vm({"vda": 16 * MiB})
+    vm.qemu_io("vda", "write -P 0xc1 0 8M")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def crash(disk: str, offset: int, length: int) -> None:
+        if vm.proc is not None:
+            vm.kill9()
+
+    with pytest.raises(QemuError):
+        backup(store_path, vm, BackupHooks(progress=crash), chunk=64 * 1024, scratch_dir=scratch)
+    assert points(store_path) == []
+    assert list(scratch.iterdir()) == []
+    vm.start()  # and the next backup works
+    snaps = vm.snapshot_all(tmp_path, "back")
+    result = backup(store_path, vm)
+    assert result.kind == "full"
+    assert_point_equals(store_path, result.point_id, snaps)
