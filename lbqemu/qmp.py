@@ -71,14 +71,26 @@ class QmpSession:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect, retrying while the socket is missing or QEMU does not accept yet."""
+        """Connect, retrying while the socket is missing or QEMU does not accept yet.
+
+        A QMP monitor serves one client at a time: a connection that is accepted but never
+        greeted (another client holds the monitor) fails at the deadline with a clear error."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         delay = 0.02
         while True:
+            self._client = QMPClient("lbrestore")
             try:
-                await self._client.connect(self._target)
+                left = max(deadline - loop.time(), 0.05)
+                await asyncio.wait_for(self._client.connect(self._target), left)
                 return
+            except TimeoutError as exc:
+                await self.close()
+                raise QmpConnectError(
+                    self.address,
+                    "QEMU accepted the connection but did not greet within "
+                    f"{self.connect_timeout:g} s (is another client using this monitor?)",
+                ) from exc
             except ConnectError as exc:
                 if loop.time() + delay > deadline:
                     cause = exc.exc if getattr(exc, "exc", None) else exc

@@ -55,9 +55,13 @@ def test_backup_command_refusals(make_vm, store_path, tmp_path) -> None:
         "--connect-timeout", "0.2",
     )  # fmt: skip
     assert gone.returncode == 1 and "cannot connect" in gone.stderr
+    busy = lbrestore(
+        store_path, "backup", "vm1", "--qmp", f"unix:{vm.ctl_socket}", "--connect-timeout", "1"
+    )  # the harness holds that monitor
+    assert busy.returncode == 1 and "did not greet" in busy.stderr
     badname = lbrestore(store_path, "backup", "../x", "--qmp", vm.qmp_address)
     assert badname.returncode != 0
-    for result in (unknown, plain, bad, gone, badname):
+    for result in (unknown, plain, bad, gone, busy, badname):
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert points(store_path) == []
