@@ -1,8 +1,8 @@
 """Turn existing raw or qcow2 disk images into a restore point (`lbrestore import`).
 
-The first import of a VM stores full files; later ones are resyncs: every cluster is read and
-only clusters whose BLAKE3 differs from the VM's newest point are stored, so a series of images
-of a stopped VM becomes a real incremental chain.
+The first import of a VM stores full files; later ones compare: every cluster is read and only
+clusters whose BLAKE3 differs from the VM's newest point are stored, so a series of images of a
+stopped VM becomes a real incremental chain (points of kind incremental).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def import_images(
             opened[name] = image
         with store.begin(vm, created=created) as ingest:
             for name, image in opened.items():
-                disk = ingest.add_disk(name, image.virtual_size, mode="resync")
+                disk = ingest.add_disk(name, image.virtual_size, mode="compare")
                 _copy(image, disk, progress)
             return ingest.commit()
     raise AssertionError("unreachable")  # pragma: no cover - the with-block returns

@@ -84,7 +84,7 @@ CREATE TABLE point_disks (
     disk TEXT NOT NULL,
     file TEXT NOT NULL UNIQUE,
     backing_point_id INTEGER,
-    mode TEXT NOT NULL CHECK (mode IN ('full', 'incremental', 'resync')),
+    mode TEXT NOT NULL CHECK (mode IN ('full', 'incremental', 'compare', 'resync')),
     virtual_size INTEGER NOT NULL,
     cluster_size INTEGER NOT NULL,
     stored_bytes INTEGER NOT NULL,

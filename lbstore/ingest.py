@@ -42,7 +42,7 @@ from lbstore.index import (
     CommitDisk,
     CommitRecord,
 )
-from lbstore.model import DISK_MODES, RestorePoint, as_utc, parse_utc
+from lbstore.model import COMPARING_MODES, DISK_MODES, RestorePoint, as_utc, parse_utc
 from lbstore.names import check_disk_name
 from lbstore.qcow2.writer import Qcow2Writer
 from lbstore.view import ChainView, ChecksumLookup, zero_digest
@@ -59,7 +59,8 @@ def _is_space_error(exc: BaseException) -> bool:
 
 
 def _point_kind(modes: list[str]) -> str:
-    """full when every disk is full; resync when any disk was resynced; else incremental."""
+    """full when every disk is full; resync when any disk was resynced; else incremental
+    (compare, the checksum-compared incremental of import, counts as incremental)."""
     if all(m == "full" for m in modes):
         return "full"
     if "resync" in modes:
@@ -234,7 +235,7 @@ class DiskIngest:
         is_zero = digest == self._zero_digest
         if self.mode == "full":
             return "skip" if is_zero else "data"
-        if self.mode == "resync" and self._previous_digest(cluster) == digest:
+        if self.mode in COMPARING_MODES and self._previous_digest(cluster) == digest:
             return "skip"
         return "zero" if is_zero else "data"
 
@@ -360,8 +361,9 @@ class Ingest:
         mode: str = "incremental",
     ) -> DiskIngest:
         """Start a disk's file. incremental: an overlay on the disk's previous point (a new disk
-        gets a full file); resync: the caller sends every cluster and only clusters whose digest
-        differs from the previous point's view are stored; full: a standalone file.
+        gets a full file); compare: the caller sends every cluster and only clusters whose digest
+        differs from the previous point's view are stored; resync: the same, recorded as a
+        resync (the dirty bitmap could not be trusted); full: a standalone file.
         `cluster_size` defaults to the previous file's (65536 for a new disk); a different one
         starts a new full file."""
         self._check_open()

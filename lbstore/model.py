@@ -7,9 +7,13 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 PointKind = Literal["full", "incremental", "resync", "merged"]
-DiskMode = Literal["full", "incremental", "resync"]
+DiskMode = Literal["full", "incremental", "compare", "resync"]
 POINT_KINDS: tuple[str, ...] = ("full", "incremental", "resync", "merged")
-DISK_MODES: tuple[str, ...] = ("full", "incremental", "resync")
+DISK_MODES: tuple[str, ...] = ("full", "incremental", "compare", "resync")
+COMPARING_MODES: tuple[str, ...] = ("compare", "resync")
+"""Modes whose caller sends every cluster; only clusters whose digest changed are stored.
+compare is an ordinary incremental made by comparison (import); resync is the same work done
+because a dirty bitmap could not be trusted, and the point says so."""
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_import_list_info(tmp_path: Path) -> None:
         ["qemu-io", "-c", "write -P 0x11 64k 64k", str(image)], check=True, capture_output=True
     )
     out = ok(lbrestore(store, "import", "vm1", "--disk", f"vda={image}", "--disk", f"vdb={raw}"))
-    assert "vm1@#2 (resync)" in out and "stored 64.0 KiB" in out and "stored 0 B" in out
+    assert "vm1@#2 (incremental)" in out and "stored 64.0 KiB" in out and "stored 0 B" in out
     ok(lbrestore(store, "import", "vm2", "--disk", f"vda={raw}"))
 
     listed = json.loads(ok(lbrestore(store, "list", "--json")))
@@ -84,7 +84,7 @@ def test_import_list_info(tmp_path: Path) -> None:
     assert "2h ago" in rows["#4"] and "just now" in rows["#3"]
 
     info = json.loads(ok(lbrestore(store, "info", "vm1@latest", "--json")))
-    assert info["id"] == 2 and info["kind"] == "resync"
+    assert info["id"] == 2 and info["kind"] == "incremental"
     vda = info["disks"][0]
     assert vda["chain_depth"] == 2
     assert [f["point_id"] for f in vda["chain"]] == [2, 1]

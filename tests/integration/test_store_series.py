@@ -1,6 +1,6 @@
 """A series of 30 images (each a random qemu-io modification of the previous) becomes a chain.
 
-1 full + 29 resync points (incremental overlays holding only what changed). For every point:
+1 full + 29 incremental points (incremental overlays holding only what changed). For every point:
 the view equals its image, `qemu-img compare` of the stored top against the image is identical,
 `qemu-img check` is clean on every stored file, and the bytes stored are exactly the clusters
 whose content changed to something non-zero (zeroed clusters are zero flags, not data).
@@ -85,7 +85,7 @@ def test_thirty_images_become_a_full_and_29_incrementals(tmp_path: Path) -> None
 
     with Store.open(store_path) as store:
         points = store.restore_points("vm1")
-        assert [p.kind for p in points] == ["full"] + ["resync"] * (STEPS - 1)
+        assert [p.kind for p in points] == ["full"] + ["incremental"] * (STEPS - 1)
         for depth, (point, image) in enumerate(zip(points, images, strict=True), start=1):
             top = store.file_path(point, "vda")
             assert len(store.chain(point, "vda")) == depth
