@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,12 @@ from lbrestore.backup import BackupHooks, BackupOptions, BackupSummary, run_back
 from lbstore.store import Store
 
 __all__ = ["MiB"]
+
+
+def pytest_report_header() -> str:
+    """Say whether the test VMs (`accel=kvm:tcg`) will run on KVM or fall back to TCG."""
+    usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    return f"test VMs: accel={'kvm' if usable else 'tcg (no usable /dev/kvm)'}"
 
 
 @pytest.fixture
