@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lbstore.ingest  # noqa: F401 - loaded up front: Store.begin imports it lazily
 from lbqemu import bitmaps
 from lbqemu.bitmaps import DiskPlan
 from lbqemu.discovery import DiskInfo, choose_disks, list_disks, vm_definition
 from lbqemu.fleece import PointInTimeView, nbd_endpoint, remove_leftovers
 from lbqemu.nbd import DEFAULT_CHUNK, DEFAULT_DEPTH, ZERO, NbdSource, Run, pull
 from lbqemu.qmp import QmpSession
+from lbstore.ingest import cluster_digests
 from lbstore.model import RestorePoint
 from lbstore.store import Store
 
@@ -322,13 +322,13 @@ class _Job:
         result = DiskSummary(disk.name, plan.mode, plan.reason, disk.virtual_size)
         self.summary.disks.append(result)
 
-        def store_run(offset: int, length: int, data: Any) -> None:
+        def store_run(offset: int, length: int, data: Any, digests: list[bytes] | None) -> None:
             if data is ZERO:
                 dingest.zero(offset, length)
                 result.bytes_zero += length
             else:
                 try:
-                    dingest.write(offset, data.view)
+                    dingest.write(offset, data.view, digests=digests)
                 finally:
                     data.release()
                 result.bytes_read += length
@@ -358,6 +358,12 @@ async def _shielded(coro: Any) -> Any:
 
 
 _DONE = object()
+
+
+def _digests(data: Any, cluster_size: int) -> list[bytes] | None:
+    """The store's per-cluster checksums, computed on the reader thread: hashing there
+    overlaps the store's writes on the loop's thread (which release the GIL)."""
+    return None if data is ZERO else cluster_digests(data.view, cluster_size)
 
 
 class _Handoff:
@@ -422,7 +428,9 @@ async def _threaded_pull(
         try:
             pull(
                 source,
-                lambda offset, length, data: handoff.put((offset, length, data)),
+                lambda offset, length, data: handoff.put(
+                    (offset, length, data, _digests(data, align))
+                ),
                 align=align,
                 dirty_bitmap=plan.export_bitmap,
                 chunk=options.chunk,
