@@ -7,7 +7,7 @@ null, never guessed (docs/internals.md).
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,17 +149,18 @@ async def _device_type(session: QmpSession, device_id: str | None) -> str | None
 async def _nics(session: QmpSession) -> list[dict[str, Any]]:
     """Peripheral devices with a MAC address property (network cards)."""
     entries = await _try(session, "qom-list", {"path": PERIPHERAL.rstrip("/")}) or []
-    nics = []
-    for entry in entries:
-        kind = str(entry.get("type", ""))
-        if not kind.startswith("child<"):
-            continue
-        model = kind[len("child<") : -1]
-        path = PERIPHERAL + entry["name"]
-        mac = await _try(session, "qom-get", {"path": path, "property": "mac"})
-        if mac is None:
-            continue
-        nics.append({"id": entry["name"], "model": model, "mac": str(mac)})
+    children = [e for e in entries if str(e.get("type", "")).startswith("child<")]
+    macs = await asyncio.gather(
+        *(
+            _try(session, "qom-get", {"path": PERIPHERAL + e["name"], "property": "mac"})
+            for e in children
+        )
+    )
+    nics = [
+        {"id": e["name"], "model": str(e["type"])[len("child<") : -1], "mac": str(mac)}
+        for e, mac in zip(children, macs, strict=True)
+        if mac is not None
+    ]
     return sorted(nics, key=lambda n: n["id"])
 
 
@@ -172,37 +173,40 @@ async def _machine(session: QmpSession) -> str | None:
 
 
 async def vm_definition(session: QmpSession, disks: list[DiskInfo]) -> dict[str, Any]:
-    """The VM definition JSON of docs/internals.md, best effort (nulls where QEMU cannot say)."""
-    name = await _try(session, "query-name") or {}
-    uuid = (await _try(session, "query-uuid") or {}).get("UUID")
+    """The VM definition JSON of docs/internals.md, best effort (nulls where QEMU cannot say).
+
+    The queries are independent: they are sent together (QMP matches replies by id)."""
+    name, uuid_reply, memory, cpus, machine, nics, target, *devices = await asyncio.gather(
+        _try(session, "query-name"),
+        _try(session, "query-uuid"),
+        _try(session, "query-memory-size-summary"),
+        _try(session, "query-cpus-fast"),
+        _machine(session),
+        _nics(session),
+        _try(session, "query-target"),
+        *(_device_type(session, disk.device_id) for disk in disks),
+    )
+    uuid = (uuid_reply or {}).get("UUID")
     if uuid and set(uuid.replace("-", "")) == {"0"}:
         uuid = None
-    memory = await _try(session, "query-memory-size-summary") or {}
-    cpus = await _try(session, "query-cpus-fast")
-    disk_defs = []
-    for disk in disks:
-        disk_defs.append(
+    base = (memory or {}).get("base-memory")
+    return {
+        "name": (name or {}).get("name"),
+        "uuid": uuid,
+        "machine": machine,
+        "memory_mib": base // (1 << 20) if isinstance(base, int) else None,
+        "cpus": len(cpus) if isinstance(cpus, list) and cpus else None,
+        "disks": [
             {
                 "name": disk.name,
                 "node_name": disk.node_name,
                 "virtual_size": disk.virtual_size,
                 "format": disk.format,
-                "device": await _device_type(session, disk.device_id),
+                "device": device,
             }
-        )
-    base = memory.get("base-memory")
-    definition: dict[str, Any] = {
-        "name": name.get("name"),
-        "uuid": uuid,
-        "machine": await _machine(session),
-        "memory_mib": base // (1 << 20) if isinstance(base, int) else None,
-        "cpus": len(cpus) if isinstance(cpus, list) and cpus else None,
-        "disks": disk_defs,
-        "nics": await _nics(session),
+            for disk, device in zip(disks, devices, strict=True)
+        ],
+        "nics": nics,
         "libvirt_xml": None,
+        "arch": (target or {}).get("arch"),
     }
-    with contextlib.suppress(Exception):
-        target = await _try(session, "query-target")
-        if target:
-            definition["arch"] = target.get("arch")
-    return definition

@@ -203,12 +203,9 @@ class PointInTimeView:
     async def _add_scratch_node(self, exp: ExportedDisk) -> None:
         """A scratch qcow2 backed by the disk's node: it will hold the old data of rewrites.
 
-        Created by QEMU itself (blockdev-create jobs), not by a qemu-img process: no process
-        start per disk, and the file is made where QEMU runs."""
-        await self._create_job(
-            f"lbr-mkf{exp.index}-{exp.token}",
-            {"driver": "file", "filename": str(exp.scratch), "size": 0},
-        )
+        Formatted by QEMU itself (a blockdev-create job), not by a qemu-img process: no
+        process start per disk."""
+        exp.scratch.touch()
         await self.session.execute(
             "blockdev-add",
             {"driver": "file", "node-name": exp.file_node, "filename": str(exp.scratch)},
