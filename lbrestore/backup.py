@@ -35,6 +35,7 @@ from lbqemu.discovery import DiskInfo, choose_disks, list_disks, vm_definition
 from lbqemu.fleece import PointInTimeView, nbd_endpoint, remove_leftovers
 from lbqemu.nbd import DEFAULT_CHUNK, DEFAULT_DEPTH, ZERO, NbdSource, Run, pull
 from lbqemu.qmp import QmpSession
+from lbrestore.errors import AppError
 from lbstore.ingest import cluster_digests
 from lbstore.model import RestorePoint
 from lbstore.store import Store
@@ -220,17 +221,29 @@ async def run_backup(
         summary.leftovers_removed = await remove_leftovers(session)
         all_disks = await list_disks(session)
         chosen = choose_disks(all_disks, options.disks)
+        if not chosen:
+            raise AppError(f"the VM behind {options.qmp} has no writable disk to back up")
         definition = await vm_definition(session, all_disks)
-        with store.begin(options.vm, definition=definition) as ingest:
-            token = str(ingest.point_id)
-            plans = plan_disks(store, options.vm, chosen, token, options.full)
-            await bitmaps.prepare(session, plans)
-            job = _Job(session, store, options, hooks, plans, summary)
-            point = await job.run(ingest, token)
+        try:
+            with store.begin(options.vm, definition=definition) as ingest:
+                token = str(ingest.point_id)
+                plans = plan_disks(store, options.vm, chosen, token, options.full)
+                await bitmaps.prepare(session, plans)
+                job = _Job(session, store, options, hooks, plans, summary)
+                point = await job.run(ingest, token)
+        except Exception as exc:
+            _record_failure(store, options.vm, exc)
+            raise
     summary.point_id, summary.kind = point.id, point.kind
     summary.duration = time.monotonic() - started
     _record_events(store, summary, plans)
     return summary
+
+
+def _record_failure(store: Store, vm: str, exc: Exception) -> None:
+    """A failed backup leaves no restore point, but the event log says what happened."""
+    with contextlib.suppress(Exception):  # e.g. the store's own disk is full
+        store.record_event(vm, "backup-failed", f"{type(exc).__name__}: {exc}")
 
 
 def _record_events(store: Store, summary: BackupSummary, plans: list[DiskPlan]) -> None:

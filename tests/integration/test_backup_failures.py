@@ -18,6 +18,8 @@ from conftest import MiB, assert_point_equals, backup, our_bitmaps, points
 
 from lbqemu.errors import NbdError, QemuError, QmpCommandError
 from lbrestore.backup import BackupHooks
+from lbrestore.errors import AppError
+from lbstore.store import Store
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -78,6 +80,9 @@ def test_nbd_error_mid_pull(make_vm, store_path, tmp_path) -> None:
 
     with pytest.raises(NbdError):
         backup(store_path, vm, BackupHooks(progress=cut_the_export), chunk=64 * 1024)
+    with Store.open(store_path) as store:
+        failures = store.events("vm1", "backup-failed")
+    assert len(failures) == 1 and "NbdError" in failures[0]["message"]
     assert_clean_and_covered(vm, store_path, tmp_path, [(first.point_id, "full")])
 
 
@@ -115,3 +120,13 @@ def test_qemu_dying_mid_pull_is_one_clear_error(make_vm, store_path, tmp_path) -
     result = backup(store_path, vm)
     assert result.kind == "full"
     assert_point_equals(store_path, result.point_id, snaps)
+
+
+def test_a_vm_without_disks_is_a_clear_error(make_vm, store_path) -> None:
+    vm = make_vm({"vda": 16 * MiB})
+    vm.quit()
+    vm.disks.clear()
+    vm.start()
+    with pytest.raises(AppError, match="no writable disk"):
+        backup(store_path, vm)
+    assert points(store_path) == []
