@@ -17,6 +17,7 @@ receiver that was killed can be recognised and removed (`remove_leftovers`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -313,8 +314,6 @@ class PointInTimeView:
 
 async def _blockdev_del(session: QmpSession, node: str) -> None:
     """blockdev-del, retried briefly: a just-deleted export may still hold the node."""
-    import asyncio
-
     for attempt in range(50):
         try:
             await session.execute("blockdev-del", {"node-name": node})
