@@ -1,7 +1,7 @@
 """Mounting restore points: the glue between the store's chain views and lbfuse.
 
 `lbrestore mount VM@SPEC` resolves the point, checks (or creates) the mountpoint, and starts a
-serving process (`lbrestore mount VM@#ID MOUNTPOINT --foreground`) in a session of its own; it
+serving process (`lbrestore mount VM@#ID MOUNTPOINT --foreground`) detached from the terminal; it
 returns once the kernel shows the mount (or reports the serving process's error line). The
 serving process puts its pid in the mount's source name (`lbrestore:vm1@7:pid4242`, see
 /proc/self/mountinfo), so `lbrestore umount` can unmount with `fusermount3 -u` and then wait
@@ -219,13 +219,7 @@ def start_background_mount(
     if remove_after:
         command.append("--remove-mountpoint")
     with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=output,
-            start_new_session=True,
-        )
+        process = _spawn_detached(command, output)
         try:
             _wait_until_mounted(process, mountpoint, output)
         except BaseException:
@@ -234,6 +228,28 @@ def start_background_mount(
                 remove_mountpoint(mountpoint)
             raise
     return process.pid
+
+
+def _spawn_detached(command: list[str], output: Any) -> subprocess.Popen[bytes]:
+    """Start the serving process out of the terminal's reach.
+
+    It gets a process group of its own (Ctrl-C in the terminal does not reach it) and ignores
+    SIGHUP (closing the terminal does not unmount); SIGTERM still unmounts. It stays in the
+    caller's session on purpose: with the scheduler's autogroups a session of its own made
+    reads through the mount about 40% slower (reader and server then wake each other across
+    scheduling groups).
+    """
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=output,
+            process_group=0,
+        )
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _wait_until_mounted(process: subprocess.Popen[bytes], mountpoint: Path, output: Any) -> None:

@@ -262,16 +262,28 @@ def test_adapter_getattr_and_readdir(gpt_disk: bytes) -> None:
 
 def test_adapter_read_uses_the_handle(gpt_disk: bytes) -> None:
     adapter = FuseAdapter(_tree(gpt_disk)[0])
-    fh = adapter.open("/vda-part2.raw", os.O_RDONLY)
-    assert adapter.read(None, 512, 0, fh) == gpt_disk[5 * MIB : 5 * MIB + 512]
-    adapter.release(None, fh)
+    fi = mfusepy.fuse_file_info(flags=os.O_RDONLY)
+    assert adapter.open("/vda-part2.raw", fi) == 0
+    assert fi.fh > 0
+    assert adapter.read(None, 512, 0, fi.fh) == gpt_disk[5 * MIB : 5 * MIB + 512]
+    adapter.release(None, fi)
+    with pytest.raises(mfusepy.FuseOSError):
+        adapter.read(None, 512, 0, fi.fh)
+
+
+def test_adapter_open_streams_disks_and_caches_metadata(gpt_disk: bytes) -> None:
+    adapter = FuseAdapter(_tree(gpt_disk)[0])
+    for name, direct in (("/vda.raw", 1), ("/vda-part1.raw", 1), ("/vm.json", 0)):
+        fi = mfusepy.fuse_file_info(flags=os.O_RDONLY)
+        adapter.open(name, fi)
+        assert (fi.direct_io, fi.keep_cache) == (direct, 1 - direct), name
 
 
 @pytest.mark.parametrize(
     ("name", "args", "expected"),
     [
         ("getattr", ("/nope",), errno.ENOENT),
-        ("open", ("/vda.raw", os.O_RDWR), errno.EROFS),
+        ("open", ("/vda.raw", mfusepy.fuse_file_info(flags=os.O_RDWR)), errno.EROFS),
         ("read", (None, 1, 0, 4242), errno.EBADF),
         ("access", ("/vda.raw", os.W_OK), errno.EROFS),
         ("write", ("/vda.raw", b"x", 0, 1), errno.EROFS),
