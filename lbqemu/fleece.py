@@ -209,7 +209,13 @@ class PointInTimeView:
         exp.scratch.touch()
         await self.session.execute(
             "blockdev-add",
-            {"driver": "file", "node-name": exp.file_node, "filename": str(exp.scratch)},
+            {
+                "driver": "file",
+                "node-name": exp.file_node,
+                "filename": str(exp.scratch),
+                # Throwaway data: flushes (qcow2 creation, copy-before-write) would only wait.
+                "cache": {"no-flush": True},
+            },
         )
         self._undo.append(("node", exp.file_node))
         await self._create_job(
@@ -229,6 +235,7 @@ class PointInTimeView:
                 "file": exp.file_node,
                 "backing": exp.disk.node_name,
                 "discard": "unmap",
+                "cache": {"no-flush": True},
             },
         )
         self._undo.append(("node", exp.node))

@@ -162,3 +162,7 @@ def test_vm_definition_is_captured(make_vm, store_path) -> None:
     assert definition["nics"] == [
         {"id": "net0", "model": "virtio-net-pci", "mac": "52:54:00:12:34:56"}
     ]
+    # The scratch files skip flushes; the guest's own disk must keep them.
+    nodes = {n["node-name"]: n for n in vm.cmd("query-named-block-nodes", flat=True)}
+    assert nodes["fmt-vda"]["cache"]["no-flush"] is False
+    assert nodes["file-vda"]["cache"]["no-flush"] is False
