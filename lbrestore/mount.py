@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -193,12 +194,22 @@ def serve_point(store: Store, point: RestorePoint, mountpoint: Path, *, remove_a
     """
     try:
         mountpoint = check_mountpoint(mountpoint)
+        _allow_open_files()
         with ExitStack() as stack:
             tree = open_point_tree(store, point, stack)
             serve(tree, mountpoint, fsname=fsname(point, os.getpid()))
     finally:
         if remove_after:
             remove_mountpoint(mountpoint)
+
+
+def _allow_open_files() -> None:
+    """Raise the soft limit on open files to the hard one: every view holds its whole chain
+    open (VIEWS_PER_DISK x depth x disks descriptors; a deep chain passes 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # --- background mounts ----------------------------------------------------------------------
