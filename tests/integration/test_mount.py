@@ -553,3 +553,18 @@ def test_umount_of_something_else_is_refused(chain: Fixture, sandbox: Path) -> N
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "cannot unmount" in lines[0], result.stderr
+
+
+def test_umount_cleans_up_after_a_killed_server(chain: Fixture, sandbox: Path) -> None:
+    mountpoint = _mount(chain, sandbox, chain.points[0])
+    pid = _serving_pid(mountpoint)
+    os.kill(pid, 9)
+    while _alive(pid):
+        time.sleep(0.02)
+    with pytest.raises(OSError) as info:
+        os.listdir(mountpoint)
+    assert info.value.errno == errno.ENOTCONN  # the kernel's answer for a dead FUSE mount
+    result = _lbrestore(chain.store, "umount", mountpoint)
+    assert result.returncode == 0, result.stderr
+    assert _mounts_under(sandbox) == []
+    assert not mountpoint.exists()
