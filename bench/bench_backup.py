@@ -5,7 +5,7 @@
    `qemu-img convert -O qcow2` reading the same kind of point-in-time NBD export into a qcow2.
 2. An incremental after rewriting 1% of the clusters, versus that full backup.
 
-Each side runs LBR_BENCH_ROUNDS times (default 2), interleaved, and the best time counts.
+Each side runs LBR_BENCH_ROUNDS times (default 3), interleaved, and the best time counts.
 Prints `ratio (ours/theirs)` lines and the receiver's peak RSS. Not a test: never fails on time.
 """
 
@@ -132,7 +132,7 @@ def measure(vm: TestVM, store: Path, folder: Path, size: int, rounds: int) -> No
 
 def main() -> None:
     size = int(os.environ.get("LBR_BENCH_MIB", "2048")) * MiB
-    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "2"))
+    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "3"))
     with tempfile.TemporaryDirectory(prefix="lbr-bench-") as tmp:
         folder = Path(tmp)
         vm = TestVM(workdir=folder, name="bench")

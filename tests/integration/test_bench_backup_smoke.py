@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def test_bench_backup_runs_small() -> None:
-    env = dict(os.environ, LBR_BENCH_MIB="16")
+    env = dict(os.environ, LBR_BENCH_MIB="16", LBR_BENCH_ROUNDS="1")
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_backup.py")],
         capture_output=True,
