@@ -367,10 +367,20 @@ async def remove_leftovers(session: QmpSession) -> list[str]:
                 await _blockdev_del(session, name)
                 removed.append(f"node {name}")
                 _remove_scratch_file(filename)
+    objects = [
+        str(obj.get("name", ""))
+        for obj in await session.execute("qom-list", {"path": "/objects"})
+        if str(obj.get("name", "")).startswith("lbr-")
+        and str(obj.get("type", "")).startswith("child<")
+    ]
     remaining = await session.execute("query-block-exports")
-    if removed and not remaining:
+    if (removed or objects) and not remaining:
         with contextlib.suppress(QmpCommandError):
             await session.execute("nbd-server-stop")
+    for name in objects:  # TLS credentials, once the server that used them is gone
+        with contextlib.suppress(QmpCommandError):
+            await session.execute("object-del", {"id": name})
+            removed.append(f"object {name}")
     return removed
 
 

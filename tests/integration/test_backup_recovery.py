@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from conftest import MiB, assert_point_equals, backup, our_bitmaps, points
 from qemu_vm import TestVM
 
 from lbqemu.errors import BackupInProgressError
+from lbqemu.tls import tls_creds_object
 from lbstore.store import Store
 
 HERE = Path(__file__).parent
@@ -236,3 +238,34 @@ def test_a_second_backup_while_one_runs_is_refused(make_vm, tmp_path) -> None:
     rest = proc.stdout.read()
     assert proc.wait() == 0 and "DONE" in rest  # the running backup was not disturbed
     assert points(store_a) == [(1, "full")] and points(store_b) == []
+
+
+def test_leftover_tls_server_of_a_killed_receiver_is_removed(make_vm, store_path, tmp_path):
+    from fixtures.tls import make_tls_dirs
+
+    creds = make_tls_dirs(tmp_path / "tls").good
+    vm = make_vm({"vda": 16 * MiB})
+    vm.qemu_io("vda", "write -P 0x75 0 1M")
+    first = backup(store_path, vm)
+    # What a receiver killed during a TLS backup leaves: its credentials object, its server.
+    vm.cmd("object-add", **tls_creds_object(creds, endpoint="server", id="lbr-tls-2"))
+    vm.cmd(
+        "nbd-server-start",
+        addr={"type": "inet", "data": {"host": "127.0.0.1", "port": str(free_port())}},
+        **{"tls-creds": "lbr-tls-2"},
+    )
+    vm.qemu_io("vda", "write -P 0x76 0 64k")
+    snaps = vm.snapshot_all(tmp_path, "tls")
+    result = backup(store_path, vm, nbd=f"tcp:127.0.0.1:{free_port()}", tls_creds=str(creds))
+    assert "object lbr-tls-2" in result.leftovers_removed
+    assert result.kind == "incremental" and result.point_id == first.point_id + 1
+    assert_point_equals(store_path, result.point_id, snaps)
+    objects = [o["name"] for o in vm.cmd("qom-list", path="/objects")]
+    assert not [o for o in objects if o.startswith("lbr-")]
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
