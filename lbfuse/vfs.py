@@ -297,13 +297,18 @@ def build_restore_point_tree(
     uid: int,
     gid: int,
     partitions: bool = True,
+    cache_disks: bool = False,
 ) -> ReadOnlyTree:
-    """The folder of one restore point: each disk, each of its partitions, and vm.json."""
+    """The folder of one restore point: each disk, each of its partitions, and vm.json.
+
+    `cache_disks` marks disk and partition files cacheable too (see FileNode).
+    """
     nodes: list[FileNode] = []
     inode = _counter(2)
     for disk_name in sorted(disks):
         source = disks[disk_name]
-        nodes.append(FileNode(f"{disk_name}.raw", source, 0, source.size, inode()))
+        whole = FileNode(f"{disk_name}.raw", source, 0, source.size, inode(), cache_disks)
+        nodes.append(whole)
         if not partitions:
             continue
         taken = {f"{name}.raw" for name in disks}
@@ -311,7 +316,7 @@ def build_restore_point_tree(
             name = f"{disk_name}-part{part.number}.raw"
             if name in taken:  # a disk really named like this partition keeps the name
                 continue
-            nodes.append(FileNode(name, source, part.start, part.length, inode()))
+            nodes.append(FileNode(name, source, part.start, part.length, inode(), cache_disks))
     meta = BytesSource(vm_json)
     nodes.append(FileNode("vm.json", meta, 0, meta.size, inode(), cacheable=True))
     return ReadOnlyTree(nodes, uid=uid, gid=gid, time_ns=_epoch_ns(created))

@@ -122,7 +122,9 @@ def point_metadata(point: RestorePoint) -> dict[str, Any]:
     }
 
 
-def open_point_tree(store: Store, point: RestorePoint, stack: ExitStack) -> ReadOnlyTree:
+def open_point_tree(
+    store: Store, point: RestorePoint, stack: ExitStack, *, cache_disks: bool = False
+) -> ReadOnlyTree:
     """Open a view of every disk of `point` (closed by `stack`) and build the mounted tree."""
     sources = {}
     for disk in point.disks:
@@ -134,7 +136,12 @@ def open_point_tree(store: Store, point: RestorePoint, stack: ExitStack) -> Read
         sources[disk.name] = ViewSource(views)
     vm_json = json.dumps(point_metadata(point), indent=2).encode() + b"\n"
     return build_restore_point_tree(
-        sources, vm_json, _utc(point.created), uid=os.getuid(), gid=os.getgid()
+        sources,
+        vm_json,
+        _utc(point.created),
+        uid=os.getuid(),
+        gid=os.getgid(),
+        cache_disks=cache_disks,
     )
 
 
@@ -187,16 +194,24 @@ def fsname(point: RestorePoint, pid: int) -> str:
 # --- serving (the foreground process) -------------------------------------------------------
 
 
-def serve_point(store: Store, point: RestorePoint, mountpoint: Path, *, remove_after: bool) -> None:
+def serve_point(
+    store: Store,
+    point: RestorePoint,
+    mountpoint: Path,
+    *,
+    remove_after: bool,
+    cache_disks: bool = False,
+) -> None:
     """Mount `point` at `mountpoint` and serve it until unmounted (or SIGINT/SIGTERM/SIGHUP).
 
     With `remove_after`, the mountpoint folder is removed when serving ends, also on failure.
+    With `cache_disks`, the kernel caches disk and partition files too (lbfuse.mount).
     """
     try:
         mountpoint = check_mountpoint(mountpoint)
         _allow_open_files()
         with ExitStack() as stack:
-            tree = open_point_tree(store, point, stack)
+            tree = open_point_tree(store, point, stack, cache_disks=cache_disks)
             serve(tree, mountpoint, fsname=fsname(point, os.getpid()))
     finally:
         if remove_after:
@@ -216,7 +231,12 @@ def _allow_open_files() -> None:
 
 
 def start_background_mount(
-    store_path: Path, point: RestorePoint, mountpoint: Path, *, remove_after: bool
+    store_path: Path,
+    point: RestorePoint,
+    mountpoint: Path,
+    *,
+    remove_after: bool,
+    cache_disks: bool = False,
 ) -> int:
     """Start a serving process and return its pid once the mount is ready.
 
@@ -229,6 +249,8 @@ def start_background_mount(
     ]  # fmt: skip
     if remove_after:
         command.append("--remove-mountpoint")
+    if cache_disks:
+        command.append("--kernel-cache")
     with tempfile.TemporaryFile() as output:
         process = _spawn_detached(command, output)
         try:

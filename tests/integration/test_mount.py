@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import shutil
 import stat
@@ -213,8 +214,10 @@ def _env(sandbox: Path) -> dict[str, str]:
     return {**os.environ, "XDG_RUNTIME_DIR": str(sandbox / "runtime")}
 
 
-def _mount(fx: Fixture, sandbox: Path, point: Point, name: str | None = None) -> Path:
-    args: list[str | Path] = ["mount", f"vm1@#{point.id}"]
+def _mount(
+    fx: Fixture, sandbox: Path, point: Point, name: str | None = None, *options: str
+) -> Path:
+    args: list[str | Path] = ["mount", *options, f"vm1@#{point.id}"]
     if name is not None:
         (sandbox / name).mkdir()
         args.append(sandbox / name)
@@ -568,3 +571,19 @@ def test_umount_cleans_up_after_a_killed_server(chain: Fixture, sandbox: Path) -
     assert result.returncode == 0, result.stderr
     assert _mounts_under(sandbox) == []
     assert not mountpoint.exists()
+
+
+def test_disk_files_stream_unless_kernel_cache_is_asked(chain: Fixture, sandbox: Path) -> None:
+    """Default: disk files bypass the page cache (so no mmap); --kernel-cache caches them."""
+    point = chain.points[1]
+    streamed = _mount(chain, sandbox, point, "streamed")
+    cached = _mount(chain, sandbox, point, "cached", "--kernel-cache")
+    with (streamed / "vda.raw").open("rb") as f:
+        with pytest.raises(OSError) as info:
+            mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        assert info.value.errno == errno.ENODEV
+    with (streamed / "vm.json").open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert m[:1] == b"{"
+    with (cached / "vdb.raw").open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert m[:] == point.images["vdb"].read_bytes()
+    _cmp(cached / "vda.raw", point.images["vda"])

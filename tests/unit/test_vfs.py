@@ -374,3 +374,10 @@ def test_read_into_failure_is_eio(gpt_disk: bytes) -> None:
     handle = tree.open("/vda.raw", os.O_RDONLY)
     with pytest.raises(SourceReadError):
         tree.read_into(handle, 0, memoryview(bytearray(512)))
+
+
+def test_only_metadata_is_cacheable_unless_asked(gpt_disk: bytes) -> None:
+    tree, _ = _tree(gpt_disk)
+    assert [tree.cacheable("/" + n) for n in tree.names()] == [False, False, False, True]
+    cached, _ = _tree(gpt_disk, cache_disks=True)
+    assert all(cached.cacheable("/" + n) for n in cached.names())
