@@ -14,7 +14,8 @@ the mount ran at a fifth of the speed of direct ones (the kernel fills the cache
 time, and every page is allocated and copied twice). Direct reads arrive as the application asks,
 up to `max_read` (1 MiB) per request, and are served straight into libfuse's buffer. The price:
 these files cannot be mmap()ed (libfuse 3.14 cannot allow it); read(), `cmp`, `dd`, `qemu-img`
-and loop devices work.
+and loop devices work. A tree built with `cache_disks` (`lbrestore mount --kernel-cache`) marks
+them cacheable and gets the page cache (and mmap) back.
 """
 
 from __future__ import annotations
