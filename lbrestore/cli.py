@@ -13,12 +13,13 @@ from pathlib import Path
 import click
 
 from lbrestore import __version__
+from lbrestore.commands import LazyGroup
 from lbrestore.errors import KNOWN_ERRORS
 
 DEFAULT_STORE = Path.home() / ".local" / "share" / "lbrestore"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lbrestore")
 @click.option(
     "--store",
@@ -35,17 +36,8 @@ def cli(ctx: click.Context, store_path: Path) -> None:
     ctx.obj = {"store_path": store_path}
 
 
-def _register_commands() -> None:
-    """Attach every command module's commands to the group (each module owns its commands)."""
-    from lbrestore import commands
-
-    for command in commands.all_commands():
-        cli.add_command(command)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map known errors to one line and an exit code."""
-    _register_commands()
     try:
         status = cli.main(args=argv, prog_name="lbrestore", standalone_mode=False)
     except click.exceptions.Abort:

@@ -1,15 +1,16 @@
-"""The command line's contract: help on every command, version, usage errors."""
+"""The command line's contract: help on every command, version, usage errors, lazy loading."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import subprocess
 import sys
 
-import click
 import pytest
 
-from lbrestore import __version__
-from lbrestore.cli import _register_commands, cli
+from lbrestore import __version__, commands
+from lbrestore.commands import COMMAND_MODULES, load_command
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,22 +32,45 @@ def test_unknown_command_is_a_usage_error_without_traceback() -> None:
     assert "no-such-command" in result.stderr
 
 
-def _all_commands() -> list[tuple[str, click.Command]]:
-    _register_commands()
-    return sorted(cli.commands.items())
-
-
-def test_group_has_help() -> None:
+def test_group_help_lists_every_command() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
     assert "Live backup and restore" in result.stdout
+    for name in COMMAND_MODULES:
+        assert f"  {name} " in result.stdout, f"{name} missing from --help"
 
 
-@pytest.mark.parametrize("name", [name for name, _ in _all_commands()] or ["--help"])
+def test_every_module_command_is_registered_under_its_module() -> None:
+    """A command added to a module but not to COMMAND_MODULES would be unreachable."""
+    found: dict[str, str] = {}
+    for info in pkgutil.iter_modules(commands.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"lbrestore.commands.{info.name}")
+        for command in module.COMMANDS:
+            assert command.name is not None
+            found[command.name] = info.name
+    assert found == COMMAND_MODULES
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_MODULES))
 def test_every_command_has_help_text(name: str) -> None:
-    if name == "--help":
-        return
-    command = cli.commands[name]
+    command = load_command(name)
+    assert command is not None
     assert command.help and command.help.strip(), f"command {name} has no help text"
     result = run_cli(name, "--help")
     assert result.returncode == 0, result.stderr
+    assert "Usage: lbrestore " + name in result.stdout
+
+
+def test_a_store_command_does_not_load_qemu_or_fuse_code() -> None:
+    probe = (
+        "import sys; from lbrestore.cli import main\n"
+        "try:\n    main(['list', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lbqemu', 'lbfuse', 'mfusepy')"
+        " and m not in ('lbqemu', 'lbfuse', 'lbqemu.errors', 'lbfuse.errors')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
