@@ -158,7 +158,6 @@ def _lbrestore(
         text=True,
         stdin=subprocess.DEVNULL,
         env=env,
-        timeout=120,
     )
 
 
@@ -429,7 +428,7 @@ def test_foreground_mount_serves_until_unmounted(chain: Fixture, sandbox: Path) 
         assert _serving_pid(mountpoint) == process.pid
         _cmp(mountpoint / "vdb.raw", point.images["vdb"])
         assert _lbrestore(chain.store, "umount", mountpoint).returncode == 0
-        out, err = process.communicate(timeout=60)
+        out, err = process.communicate()
         assert process.returncode == 0, err
         assert out.strip() == str(mountpoint)
     finally:
@@ -451,7 +450,7 @@ def test_sigterm_unmounts_a_foreground_mount(chain: Fixture, sandbox: Path) -> N
             assert process.poll() is None, process.communicate()
             time.sleep(0.02)
         process.terminate()
-        process.wait(timeout=60)
+        process.wait()
         assert not os.path.ismount(mountpoint)
     finally:
         if process.poll() is None:
