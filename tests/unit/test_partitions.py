@@ -240,3 +240,47 @@ def test_mbr_zero_start_is_ignored(sector_field: int) -> None:
     struct.pack_into("<II", disk, 446 + 8, 0, 4 * sector_field)
     disk[510:512] = b"\x55\xaa"
     assert read_partitions(lambda off, n: bytes(disk[off : off + n]), len(disk)) == []
+
+
+def _synthetic_gpt(sector: int, size: int, ranges: list[tuple[int, int]]) -> bytearray:
+    """A disk with a protective MBR and a primary GPT for `sector`-byte sectors (no backup)."""
+    disk = bytearray(size)
+    disk[446 + 4] = 0xEE
+    struct.pack_into("<II", disk, 446 + 8, 1, min(size // 512 - 1, 0xFFFFFFFF))
+    disk[510:512] = b"\x55\xaa"
+    linux = bytes.fromhex("af3dc60f838472478e793d69d8477de4")  # 0FC63DAF-... as stored
+    entries = bytearray(128 * 128)
+    for index, (first, last) in enumerate(ranges):
+        fields = dict(
+            partition_type_guid=linux, unique_partition_guid=os.urandom(16),
+            starting_lba=first, ending_lba=last, attributes=0,
+            partition_name=f"p{index}".encode("utf-16-le").ljust(72, b"\0"),
+        )  # fmt: skip
+        entries[index * 128 : (index + 1) * 128] = GptPartitionEntry.build(fields)
+    disk[2 * sector : 2 * sector + len(entries)] = entries
+    header = dict(
+        revision=0x10000, header_size=92, header_crc32=0, reserved=0, my_lba=1,
+        alternate_lba=size // sector - 1, first_usable_lba=6, last_usable_lba=size // sector - 6,
+        disk_guid=os.urandom(16), partition_entry_lba=2, number_of_partition_entries=128,
+        size_of_partition_entry=128, partition_entry_array_crc32=zlib.crc32(entries),
+    )  # fmt: skip
+    raw = bytearray(GptHeader.build(header))
+    struct.pack_into("<I", raw, 16, zlib.crc32(bytes(raw)))
+    disk[sector : sector + len(raw)] = raw
+    return disk
+
+
+def test_gpt_with_4096_byte_sectors() -> None:
+    disk = _synthetic_gpt(4096, 16 * MIB, [(256, 511), (512, 2047)])
+    parts = read_partitions(lambda off, n: bytes(disk[off : off + n]), len(disk))
+    assert [(p.number, p.start, p.length, p.name) for p in parts] == [
+        (1, MIB, MIB, "p0"),
+        (2, 2 * MIB, 6 * MIB, "p1"),
+    ]
+
+
+def test_gpt_entry_array_crc_is_checked() -> None:
+    disk = _synthetic_gpt(512, 16 * MIB, [(2048, 4095)])
+    assert len(read_partitions(lambda off, n: bytes(disk[off : off + n]), len(disk))) == 1
+    disk[2 * 512 + 40] ^= 1  # inside entry 0, CRC not updated; no backup to fall back to
+    assert read_partitions(lambda off, n: bytes(disk[off : off + n]), len(disk)) == []
