@@ -5,7 +5,7 @@ vs qemu-img reading the same chain.
 Builds a store with one VM and 25 restore points of a LBR_BENCH_MIB MiB disk (default 1024):
 a full point of random data, then 24 incremental points that each rewrite ~4% of the disk in
 256 KiB extents at random places (seeded), so the top view draws from every layer. Then times,
-warm host page cache, best of LBR_BENCH_REPEAT (default 3):
+warm host page cache, best of LBR_BENCH_REPEAT (default 5) runs of each, alternating:
 
     ours:   `lbrestore mount vm@latest`, read MOUNT/vda.raw front to back in 1 MiB reads
             (the kernel's cached pages are dropped before each run, untimed, so every byte
@@ -99,16 +99,12 @@ def read_theirs(top: Path, size: int) -> None:
     )
 
 
-def best_of(
-    repeat: int, func: Callable[[], object], before: Callable[[], object] = lambda: None
-) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        before()
-        start = time.perf_counter()
-        func()
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(func: Callable[[], object], before: Callable[[], object] = lambda: None) -> float:
+    """Seconds `func` takes (after an untimed `before`)."""
+    before()
+    start = time.perf_counter()
+    func()
+    return time.perf_counter() - start
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -129,7 +125,7 @@ def serving_pid(mountpoint: Path) -> int:
 
 def main() -> int:
     mib = int(os.environ.get("LBR_BENCH_MIB", "1024"))
-    repeat = int(os.environ.get("LBR_BENCH_REPEAT", "3"))
+    repeat = int(os.environ.get("LBR_BENCH_REPEAT", "5"))
     size = mib * MiB
     with tempfile.TemporaryDirectory(dir=os.environ.get("LBR_BENCH_DIR")) as tmp:
         store = Path(tmp) / "store"
@@ -142,11 +138,14 @@ def main() -> int:
             disk = mountpoint / "vda.raw"
             assert read_mounted(disk) == size
             pid = serving_pid(mountpoint)
-            ours = best_of(repeat, lambda: read_mounted(disk), lambda: drop_cached_pages(disk))
+            ours = theirs = float("inf")
+            for _ in range(repeat):  # alternate, so the machine's load hits both alike
+                drop = lambda: drop_cached_pages(disk)  # noqa: E731
+                ours = min(ours, timed(lambda: read_mounted(disk), drop))
+                theirs = min(theirs, timed(lambda: read_theirs(top, size)))
             rss = peak_rss_kib(pid)
         finally:
             lbrestore(store, "umount", str(mountpoint))
-        theirs = best_of(repeat, lambda: read_theirs(top, size))
     print(f"chain depth {DEPTH}, {mib} MiB disk, best of {repeat}")
     print(f"ours   (read through lbrestore mount):  {mib / ours:8.1f} MiB/s  ({ours:.3f} s)")
     print(f"theirs (qemu-img convert to null-co):    {mib / theirs:8.1f} MiB/s  ({theirs:.3f} s)")
