@@ -51,7 +51,7 @@ EXIT_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.02
 AUTO_PREFIX = "lbrestore-"
 FSTYPE = f"fuse.{FS_SUBTYPE}"
-_PID_IN_SOURCE = re.compile(r":pid(\d+)$")
+_PID_IN_SOURCE = re.compile(r":pid(\d+)(:auto)?$")
 
 
 class _View(Protocol):
@@ -186,9 +186,10 @@ def remove_mountpoint(path: Path) -> None:
         os.rmdir(path)
 
 
-def fsname(point: RestorePoint, pid: int) -> str:
-    """The mount's source name: which point, and which process serves it."""
-    return f"lbrestore:{point.vm}@{point.id}:pid{pid}"
+def fsname(point: RestorePoint, pid: int, *, auto: bool = False) -> str:
+    """The mount's source name: which point, which process serves it, and (`:auto`) whether
+    lbrestore created the mountpoint folder (then `umount` may remove it)."""
+    return f"lbrestore:{point.vm}@{point.id}:pid{pid}" + (":auto" if auto else "")
 
 
 # --- serving (the foreground process) -------------------------------------------------------
@@ -212,7 +213,7 @@ def serve_point(
         _allow_open_files()
         with ExitStack() as stack:
             tree = open_point_tree(store, point, stack, cache_disks=cache_disks)
-            serve(tree, mountpoint, fsname=fsname(point, os.getpid()))
+            serve(tree, mountpoint, fsname=fsname(point, os.getpid(), auto=remove_after))
     finally:
         if remove_after:
             remove_mountpoint(mountpoint)
@@ -342,6 +343,12 @@ class MountEntry:
         match = _PID_IN_SOURCE.search(self.source)
         return int(match.group(1)) if match else None
 
+    @property
+    def auto_created(self) -> bool:
+        """Whether lbrestore created the mountpoint folder (source name ends in `:auto`)."""
+        match = _PID_IN_SOURCE.search(self.source)
+        return bool(match and match.group(2))
+
 
 def _unescape(field: str) -> str:
     """Undo mountinfo's octal escapes (space, tab, newline, backslash)."""
@@ -391,7 +398,7 @@ def unmount(mountpoint: Path) -> None:
         raise UnmountError(path, f"cannot unmount: {reason}")
     if entry.pid is not None:
         _wait_for_exit(path, entry.pid)
-    if path.name.startswith(AUTO_PREFIX):
+    if entry.auto_created:  # normally already removed by the serving process itself
         remove_mountpoint(path)
 
 

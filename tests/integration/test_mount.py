@@ -586,3 +586,16 @@ def test_disk_files_stream_unless_kernel_cache_is_asked(chain: Fixture, sandbox:
     with (cached / "vdb.raw").open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         assert m[:] == point.images["vdb"].read_bytes()
     _cmp(cached / "vda.raw", point.images["vda"])
+
+
+def test_umount_never_removes_a_folder_it_did_not_create(chain: Fixture, sandbox: Path) -> None:
+    # Named like an automatic mountpoint, but given by the user; the server dies first, so
+    # umount itself does the cleanup: it must keep the folder.
+    mountpoint = _mount(chain, sandbox, chain.points[0], "lbrestore-vm1-1-mine")
+    pid = _serving_pid(mountpoint)
+    os.kill(pid, 9)
+    while _alive(pid):
+        time.sleep(0.02)
+    assert _lbrestore(chain.store, "umount", mountpoint).returncode == 0
+    assert mountpoint.is_dir()
+    assert _mounts_under(sandbox) == []
