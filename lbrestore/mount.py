@@ -157,8 +157,8 @@ def check_mountpoint(path: Path) -> Path:
     path = Path(os.path.realpath(path))
     try:
         if not path.is_dir():
-            problem = "not a folder" if path.exists() else "no such folder"
-            raise MountpointError(path, f"the mountpoint is {problem}")
+            problem = "is not a folder" if path.exists() else "does not exist"
+            raise MountpointError(path, f"the mountpoint {problem}")
         if os.path.ismount(path):
             raise MountpointError(path, "the mountpoint is already a mount")
         with os.scandir(path) as entries:

@@ -514,7 +514,7 @@ def _cmdline(proc: Path) -> str:
         ("nosuchvm@latest", None, "nosuchvm"),
         ("vm1@latest", "file", "not a folder"),
         ("vm1@latest", "full", "not empty"),
-        ("vm1@latest", "missing", "no such folder"),
+        ("vm1@latest", "missing", "does not exist"),
         ("vm1@latest", "mounted", "already a mount"),
     ],
 )
