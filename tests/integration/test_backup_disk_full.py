@@ -15,31 +15,16 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, assert_point_equals, backup, our_bitmaps, points
+from fixtures.tmpfs import mounted_tmpfs, resize_tmpfs
 
 from lbstore.store import Store
 
 
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 12 MiB tmpfs (unmounted at the end, whatever happens)."""
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    """A 12 MiB filesystem for the store."""
+    with mounted_tmpfs(tmp_path / "small", "12m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-
-
-def grow(mountpoint: Path, size: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(mountpoint)], check=True)
 
 
 def test_store_full_mid_backup_loses_nothing(make_vm, small_filesystem, tmp_path) -> None:
@@ -86,7 +71,7 @@ def test_store_full_mid_backup_loses_nothing(make_vm, small_filesystem, tmp_path
     assert_point_equals(store_path, first.point_id, {"vda": first_snapshot(vm, tmp_path)})
 
     vm.qemu_io("vda", "write -P 0x33 40M 64k")  # after the failure
-    grow(small_filesystem, "128m")
+    resize_tmpfs(small_filesystem, "128m")
     snaps = vm.snapshot_all(tmp_path, "after")
     second = backup(store_path, vm)
     assert second.kind == "incremental"

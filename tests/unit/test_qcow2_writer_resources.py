@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures.tmpfs import mounted_tmpfs
 from qcow2_writer_oracles import qemu_img_check
 
 from lbstore.errors import Qcow2Error, Qcow2WriteError
@@ -56,19 +57,8 @@ def test_memory_stays_bounded_with_compression(tmp_path: Path) -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs (needs root and mount rights; skipped where that is not possible)."""
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "2m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def test_disk_full_while_writing_data(small_tmpfs: Path) -> None:
