@@ -18,6 +18,7 @@ the structural checks always cover the whole file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import random
@@ -43,6 +44,9 @@ MAX_GAP = 256 << 10
 """Clusters closer than this in the file are read together (the gap is read and ignored)."""
 MAX_WORKERS = 4
 """Processes that check files in parallel, at most (never more than the CPUs)."""
+PIECE_BYTES = 64 << 20
+"""A file storing more than this is checked in pieces (guest ranges) that several processes
+share: otherwise one big base file would keep a single core hashing while the others idle."""
 MAX_PROBLEMS_PER_FILE = 20
 """Problems listed per damaged file; the count of damaged clusters is always exact."""
 
@@ -146,6 +150,26 @@ class _FileJob:
     record: DiskRecord
     path: Path
     expected_backing: Path | None
+    piece: int = 0
+    pieces: int = 1
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """The file this job (or piece of a file) checks."""
+        return (self.point.id, self.record.name)
+
+    def guest_range(self) -> tuple[int, int]:
+        """[start, end) guest bytes of this piece: equal cluster-aligned shares of the disk."""
+        size, virtual = self.record.cluster_size, self.record.virtual_size
+        clusters = -(-virtual // size)
+        step = -(-clusters // self.pieces) * size
+        return min(virtual, self.piece * step), min(virtual, (self.piece + 1) * step)
+
+    def split(self) -> list[_FileJob]:
+        """This file as pieces of about PIECE_BYTES of stored data each."""
+        count = max(1, -(-self.record.stored_bytes // PIECE_BYTES))
+        count = min(count, max(1, -(-self.record.virtual_size // self.record.cluster_size)))
+        return [dataclasses.replace(self, piece=i, pieces=count) for i in range(count)]
 
 
 def verify_store(
@@ -176,13 +200,19 @@ def verify_store(
         raise StoreError(f"VM {vm!r} has no restore points in this store")
     report = VerifyReport(sample_percent=sample_percent)
     report.points_checked = [point.id] if point is not None else [p.id for p in points]
-    jobs = list(_file_jobs(store, points, point))
-    count = min(len(jobs), workers or min(os.cpu_count() or 1, MAX_WORKERS))
+    files = list(_file_jobs(store, points, point))
+    count = workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    jobs = files if count <= 1 else [piece for job in files for piece in job.split()]
+    # Largest pieces first, so the last ones to finish are small and no process idles long.
+    jobs.sort(key=lambda job: job.record.stored_bytes // job.pieces, reverse=True)
     settings = _Settings(sample_percent, seed)
-    for outcome in _run_jobs(store, jobs, settings, count):
-        report.add(outcome)
+    merged: dict[tuple[int, str], _Outcome] = {}
+    for job, outcome in _run_jobs(store, jobs, settings, min(len(jobs), count)):
+        merged.setdefault(job.key, _Outcome(None)).merge(outcome)
         if progress is not None:
             progress(outcome.bytes_checked)
+    for job in files:  # the report lists files in the order the store holds them
+        report.add(merged[job.key])
     report.damaged_points = damaged_points(store, report.damaged_files)
     return report
 
@@ -193,10 +223,10 @@ class _Settings:
     seed: int | None
 
     def rng(self, job: _FileJob) -> random.Random:
-        """A per-file generator: a seeded run samples the same clusters in any process."""
+        """A per-piece generator: a seeded run samples the same clusters in any process."""
         if self.seed is None:
             return random.Random()
-        return random.Random(f"{self.seed}/{job.point.id}/{job.record.name}")
+        return random.Random(f"{self.seed}/{job.point.id}/{job.record.name}/{job.piece}")
 
 
 @dataclass(slots=True)
@@ -207,20 +237,34 @@ class _Outcome:
     clusters_checked: int = 0
     bytes_checked: int = 0
 
+    def merge(self, other: _Outcome) -> None:
+        """Add another piece of the same file."""
+        self.clusters_checked += other.clusters_checked
+        self.bytes_checked += other.bytes_checked
+        if other.damage is None:
+            return
+        if self.damage is None:
+            self.damage = other.damage
+            return
+        for problem in other.damage.problems:
+            if not problem.startswith("..."):
+                self.damage.add(problem)
+        self.damage.damaged_clusters += other.damage.damaged_clusters
+
 
 def _run_jobs(
     store: Store, jobs: list[_FileJob], settings: _Settings, workers: int
-) -> Iterator[_Outcome]:
+) -> Iterator[tuple[_FileJob, _Outcome]]:
     """Check every job, in this process or in `workers` forked ones; outcomes in job order."""
     if workers <= 1:
         for job in jobs:
-            yield _Checker(store, settings).verify(job)
+            yield job, _Checker(store, settings).verify(job)
         return
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_worker_start, initargs=(store.path,)
     ) as pool:
-        yield from pool.map(_worker_verify, jobs, [settings] * len(jobs))
+        yield from zip(jobs, pool.map(_worker_verify, jobs, [settings] * len(jobs)), strict=True)
 
 
 _worker_store: Store | None = None
@@ -295,7 +339,7 @@ class _Checker:
         self.share = None if settings.sample_percent is None else settings.sample_percent / 100
         self.settings = settings
         self.rng = random.Random()
-        self.buffer = bytearray(READ_SIZE)
+        self.buffer = _read_buffer()
         self.outcome = _Outcome(None)
 
     def verify(self, job: _FileJob) -> _Outcome:
@@ -307,20 +351,33 @@ class _Checker:
             image = Qcow2Image.open(job.path, backing=False)
             fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)
         except (Qcow2Error, OSError) as exc:
-            damage.add(f"cannot open: {_reason(exc)}", _expected_count(job))
-            self.outcome.damage = damage
+            if job.piece == 0:  # the other pieces of the file would only repeat it
+                damage.add(f"cannot open: {_reason(exc)}", _expected_count(job))
+                self.outcome.damage = damage
             return self.outcome
         with image, _closing_fd(fd):
-            _check_header(job, image, damage)
+            if job.piece == 0:
+                _check_header(job, image, damage)
             file_size = os.fstat(fd).st_size
-            digests = self.store.stored_clusters(job.point, job.record.name)
             try:
-                for batch in _batches(_joined(digests, image, damage), CHECKSUM_CHUNK_CLUSTERS):
+                digests = self._digests(job)
+                stored = _stored_clusters(image, *job.guest_range())
+                for batch in _batches(_joined(digests, stored, damage), CHECKSUM_CHUNK_CLUSTERS):
                     self._check_batch(image, fd, self._sampled(batch), file_size, damage)
             except (Qcow2Error, OSError) as exc:
                 damage.add(f"mapping unreadable: {_reason(exc)}", 1)
         self.outcome.damage = damage if damage.problems else None
         return self.outcome
+
+    def _digests(self, job: _FileJob) -> Iterator[tuple[int, bytes]]:
+        """The index's (guest cluster, digest) pairs within the job's guest range."""
+        if job.pieces == 1:
+            return self.store.stored_clusters(job.point, job.record.name)
+        start, end = job.guest_range()
+        size = job.record.cluster_size
+        return _digests_between(
+            self.store, job.point.id, job.record.name, start // size, -(-end // size)
+        )
 
     def _sampled(self, batch: list[_Entry]) -> list[_Entry]:
         if self.share is None:
@@ -370,6 +427,33 @@ class _Checker:
         self.outcome.bytes_checked += len(content)
         if blake3.blake3(content).digest() != expected:
             damage.add(f"cluster {cluster}: checksum mismatch", 1)
+
+
+def _digests_between(
+    store: Store, point_id: int, disk: str, first: int, stop: int
+) -> Iterator[tuple[int, bytes]]:
+    """(guest cluster, digest) of the file's clusters in [first, stop), in guest order."""
+    for chunk in range(first // CHECKSUM_CHUNK_CLUSTERS, -(-stop // CHECKSUM_CHUNK_CLUSTERS)):
+        row = store.index.checksum_chunk(point_id, disk, chunk)
+        if row is None:
+            continue
+        for cluster, digest in row.clusters():
+            if cluster >= stop:
+                break
+            if cluster >= first:
+                yield cluster, digest
+
+
+_buffer: bytearray | None = None
+
+
+def _read_buffer() -> bytearray:
+    """This process's read buffer, allocated once (not once per file: zeroing 16 MiB for
+    every small file of a deep chain costs more than reading it)."""
+    global _buffer
+    if _buffer is None:
+        _buffer = bytearray(READ_SIZE)
+    return _buffer
 
 
 def _will_need(fd: int, offset: int, length: int) -> None:
@@ -424,7 +508,9 @@ def _batches(entries: Iterable[_Entry], count: int) -> Iterator[list[_Entry]]:
 
 
 def _joined(
-    digests: Iterable[tuple[int, bytes]], image: Qcow2Image, damage: FileDamage
+    digests: Iterable[tuple[int, bytes]],
+    stored: Iterable[tuple[int, int]],
+    damage: FileDamage,
 ) -> Iterator[_Entry]:
     """The file's stored clusters merged with the index's digests, both in guest order.
 
@@ -433,7 +519,7 @@ def _joined(
     """
     indexed = iter(digests)
     pending = next(indexed, None)
-    for cluster, host in _stored_clusters(image):
+    for cluster, host in stored:
         while pending is not None and pending[0] < cluster:
             _missing(damage, pending[0])
             pending = next(indexed, None)
@@ -451,10 +537,11 @@ def _missing(damage: FileDamage, cluster: int) -> None:
     damage.add(f"cluster {cluster} has a checksum but the file does not store it", 1)
 
 
-def _stored_clusters(image: Qcow2Image) -> Iterator[tuple[int, int]]:
-    """(guest cluster, host offset or -1 if compressed) of the clusters the file stores."""
+def _stored_clusters(image: Qcow2Image, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(guest cluster, host offset or -1 if compressed) of the clusters the file stores in
+    guest bytes [start, end) (cluster-aligned)."""
     size = image.cluster_size
-    for run in image.runs():
+    for run in image.runs(start, end - start):
         if run.kind is RunKind.DATA:
             assert run.host_offset is not None
             first = run.guest_offset // size

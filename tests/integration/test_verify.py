@@ -188,3 +188,40 @@ def test_missing_file(store: Path) -> None:
     code, report = verify(store, "vm1")
     assert code == 3 and damaged_ids(report) == [4, 5]
     assert "cannot open" in report["damaged_files"][0]["problems"][0]  # type: ignore[index]
+
+
+def test_files_checked_in_pieces_report_exactly_what_whole_files_do(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large files are split into guest ranges shared by worker processes; the merged report
+    must equal the one-file-per-job report (counts, damaged files and clusters, points)."""
+    from lbstore import verify as verify_module
+    from lbstore.store import Store
+
+    a = data_file(store, "vda", 1)
+    ranges = own_data_ranges(a)
+    flip(a, ranges[0]["offset"] + 3)
+    flip(a, ranges[-1]["offset"] + 3)
+    b = data_file(store, "vdb", 2)
+    os.truncate(b, own_data_ranges(b)[-1]["offset"] + 100)
+    data_file(store, "vdb", 4).unlink()
+
+    def summary(report: verify_module.VerifyReport) -> object:
+        return (
+            report.files_checked,
+            report.clusters_checked,
+            report.bytes_checked,
+            sorted((str(f.path), f.damaged_clusters) for f in report.damaged_files),
+            sorted(p.point.id for p in report.damaged_points),
+        )
+
+    with Store.open(store) as opened:
+        whole = verify_module.verify_store(opened, workers=1)
+        monkeypatch.setattr(verify_module, "PIECE_BYTES", 2 * 65536)
+        jobs = list(verify_module._file_jobs(opened, opened.restore_points(None), None))
+        assert max(len(job.split()) for job in jobs) > 3  # the split really happens
+        pieces = verify_module.verify_store(opened, workers=2)
+    assert summary(pieces) == summary(whole)
+    assert sorted(p.point.id for p in whole.damaged_points) == [1, 2, 3, 4, 5]
+    damaged = {f.path.name: f.damaged_clusters for f in pieces.damaged_files if f.disk == "vda"}
+    assert damaged == {"1.qcow2": 2}
