@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import struct
@@ -29,7 +30,7 @@ from lbstore.qcow2.format import (
     HeaderV3Additional,
     HeaderV3CompressionType,
 )
-from lbstore.qcow2.writer import Qcow2Writer
+from lbstore.qcow2.writer import DIRECT_STREAMS, Qcow2Writer
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -185,7 +186,56 @@ def test_large_uncompressed_writes_use_few_syscalls(
     monkeypatch.setattr(os, "pwritev", counting_pwritev)
     with Qcow2Writer(tmp_path / "big.qcow2", 16 * MIB, cluster_size=4096) as writer:
         writer.write(0, bytes(8 * MIB))  # 2048 clusters in one call
-        assert len(calls) == 1
+        # bytes are not page-aligned: an O_DIRECT attempt per piece, then one buffered write
+        assert len(calls) <= DIRECT_STREAMS + 1
+
+
+def _record_write_fds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    fds: list[int] = []
+    real_pwritev = os.pwritev
+
+    def recording_pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+        fds.append(fd)
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", recording_pwritev)
+    return fds
+
+
+def test_page_aligned_data_bypasses_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random.Random(3).randbytes(8 * MIB + 4096)
+    buffer = mmap.mmap(-1, len(data))  # page-aligned memory, as the importer reads into
+    buffer[:] = data
+    fds = _record_write_fds(monkeypatch)
+    image = tmp_path / "direct.qcow2"
+    with Qcow2Writer(image, len(data), cluster_size=4096) as writer:
+        direct_fd = writer._direct_fd
+        assert direct_fd is not None
+        writer.write(0, memoryview(buffer))
+    buffer.close()
+    assert fds.count(direct_fd) == DIRECT_STREAMS
+    qemu_img_check(image)
+    raw = tmp_path / "expected.raw"
+    raw.write_bytes(data)
+    qemu_img_compare(raw, image)
+
+
+def test_unaligned_memory_and_direct_off_still_write_exact_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random.Random(4).randbytes(4 * MIB)
+    unaligned = memoryview(bytearray(b"x" + data))[1:]
+    raw = tmp_path / "expected.raw"
+    raw.write_bytes(data)
+    for direct in (True, False):
+        image = tmp_path / f"direct-{direct}.qcow2"
+        with Qcow2Writer(image, len(data), cluster_size=65536, direct=direct) as writer:
+            assert (writer._direct_fd is not None) == direct
+            writer.write(0, unaligned)
+        qemu_img_check(image)
+        qemu_img_compare(raw, image)
 
 
 # --- libqcow as a second reader ---------------------------------------------------------------
