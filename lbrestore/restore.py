@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import blake3
-
 from lbrestore.errors import AppError
+from lbrestore.hashproc import HashCheck, HashWorker, Slots
 from lbrestore.vmdef import HostDefinition, RestoredDisk, write_host_definition
 from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, DIGEST_SIZE
 from lbstore.model import RestorePoint
@@ -39,7 +38,8 @@ from lbstore.view import ChainView, ViewKind, ViewRun, zero_digest
 
 CHUNK = 8 << 20
 """Guest bytes read per step: large sequential reads, bounded memory (a multiple of clusters)."""
-PREFETCH_BUFFERS = 3
+RING_BUFFERS = 6
+"""Shared CHUNK buffers: read ahead, being hashed, being written."""
 NBD_IN_FLIGHT = 8
 NBD_MAX_ZERO = 1 << 30
 FORMATS = ("qcow2", "raw")
@@ -190,28 +190,34 @@ class _RawSink:
 
 @dataclass(slots=True)
 class _Batch:
-    """Consecutive non-zero runs inside one CHUNK-aligned window of the guest."""
+    """Consecutive runs (data and short zero runs) inside one CHUNK-aligned window of the guest.
+
+    `slot` is the shared buffer holding its data once read: only clusters with data are read
+    into it; the bytes of zero clusters are left as they are (never hashed, never written).
+    """
 
     start: int
     end: int
     runs: list[ViewRun]
+    slot: int = -1
 
 
 def _walk(view: ChainView) -> Iterator[_Batch | tuple[int, int]]:
-    """The disk in guest order: batches of data to read, and (offset, length) zero ranges."""
+    """The disk in guest order: batches to read, and (offset, length) zero ranges.
+
+    Zero runs shorter than CHUNK stay inside a batch, so a disk whose data alternates with
+    holes still moves in CHUNK-sized steps (one queue hand-over per CHUNK, not per run).
+    """
     batch: _Batch | None = None
     for run in view.runs():
-        if run.kind is ViewKind.ZERO:
+        if run.kind is ViewKind.ZERO and run.length >= CHUNK:
             if batch is not None:
                 yield batch
                 batch = None
             yield (run.guest_offset, run.length)
             continue
         for piece in _split(run):
-            window = piece.guest_offset // CHUNK
-            if batch is not None and (
-                batch.end != piece.guest_offset or (batch.start // CHUNK) != window
-            ):
+            if batch is not None and batch.start // CHUNK != piece.guest_offset // CHUNK:
                 yield batch
                 batch = None
             if batch is None:
@@ -230,6 +236,25 @@ def _split(run: ViewRun) -> Iterator[ViewRun]:
         host = None if run.host_offset is None else run.host_offset + (pos - run.guest_offset)
         yield ViewRun(run.kind, pos, stop - pos, run.point_id, run.path, host)
         pos = stop
+
+
+def _data_stretches(batch: _Batch, cluster: int) -> Iterator[tuple[int, int]]:
+    """[start, end) guest ranges of the batch to read: its non-zero runs, joined when they
+    touch and widened to whole clusters (the view zero-fills any zero part it covers)."""
+    start = end = -1
+    for run in batch.runs:
+        if run.kind is ViewKind.ZERO:
+            continue
+        lo = max(batch.start, run.guest_offset - run.guest_offset % cluster)
+        hi = min(batch.end, -(-(run.guest_offset + run.length) // cluster) * cluster)
+        if lo <= end:
+            end = max(end, hi)
+            continue
+        if end > start:
+            yield start, end
+        start, end = lo, hi
+    if end > start:
+        yield start, end
 
 
 class _ChainDigests:
@@ -270,19 +295,17 @@ class _ChainDigests:
 
 
 class _Prefetcher:
-    """Walks a view and reads its data batches in a thread, PREFETCH_BUFFERS ahead.
+    """Walks a view and reads its batches in a thread into shared buffers, ahead of the writer.
 
     The view is used by the reader thread only (it is not thread-safe); the consumer gets
-    (zero range, None) or (batch, filled buffer) in guest order and hands each buffer back
-    with `release` once written.
+    zero ranges and filled batches in guest order, and releases each batch's slot (see
+    hashproc.Slots) when done with it.
     """
 
-    def __init__(self, view: ChainView) -> None:
+    def __init__(self, view: ChainView, slots: Slots) -> None:
         self.view = view
-        self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(PREFETCH_BUFFERS):
-            self.free.put(bytearray(CHUNK))
-        self.ready: queue.Queue[tuple[object, bytearray | None]] = queue.Queue(PREFETCH_BUFFERS * 4)
+        self.slots = slots
+        self.ready: queue.Queue[object] = queue.Queue(RING_BUFFERS * 4)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._read_all, name="restore-reader", daemon=True)
 
@@ -295,132 +318,161 @@ class _Prefetcher:
         while self.thread.is_alive():
             with contextlib.suppress(queue.Empty):
                 self.ready.get(timeout=0.1)  # unblock a reader waiting on a full queue
-            self.free.put(bytearray(0))  # unblock a reader waiting for a buffer
+            self.slots.free.put(-1)  # unblock a reader waiting for a buffer
         self.thread.join()
 
-    def __iter__(self) -> Iterator[tuple[_Batch | tuple[int, int], bytearray | None]]:
+    def __iter__(self) -> Iterator[_Batch | tuple[int, int]]:
         while True:
-            item, buffer = self.ready.get()
+            item = self.ready.get()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item, buffer  # type: ignore[misc]
-
-    def release(self, buffer: bytearray) -> None:
-        """Give a buffer back to the reader."""
-        self.free.put(buffer)
+            yield item  # type: ignore[misc]
 
     def _read_all(self) -> None:
         try:
+            cluster = self.view.cluster_size
             for item in _walk(self.view):
                 if self.stopping.is_set():
                     return
-                if isinstance(item, tuple):
-                    self.ready.put((item, None))
-                    continue
-                buffer = self.free.get()
-                if self.stopping.is_set():
-                    return
-                # The batch holds only DATA/COMPRESSED runs, so readinto fills all of it.
-                self.view.readinto(item.start, memoryview(buffer)[: item.end - item.start])
-                self.ready.put((item, buffer))
-            self.ready.put((_DONE, None))
+                if isinstance(item, _Batch):
+                    item.slot = self.slots.free.get()
+                    if self.stopping.is_set() or item.slot < 0:
+                        return
+                    buffer = self.slots.view(item.slot)
+                    for start, end in _data_stretches(item, cluster):
+                        at = start - item.start
+                        self.view.readinto(start, buffer[at : at + end - start])
+                    buffer.release()
+                self.ready.put(item)
+            self.ready.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it
-            self.ready.put((exc, None))
+            self.ready.put(exc)
 
 
 _DONE = object()
 
 
 class _Flattener:
-    """Reads a view's data, verifies each cluster's digest and feeds non-zero clusters to a sink."""
+    """Reads a view's data, verifies each cluster's digest and feeds non-zero clusters to a sink.
+
+    Three workers overlap: a reader thread fills shared buffers, a forked process checks
+    their clusters' BLAKE3 digests (hashproc), and this thread writes them meanwhile. Which
+    clusters are zero comes from the recorded digest (the zero cluster's digest) when it is
+    checked, else from the bytes.
+    """
 
     def __init__(
         self, store: Store, point: RestorePoint, disk: str, view: ChainView, *, verify: bool
     ) -> None:
         self.point, self.disk, self.view = point, disk, view
         self.size = view.cluster_size
-        self.lookup = _ChainDigests(store, disk, [p.id for p in store.chain(point, disk)])
+        chain = store.chain(point, disk)
+        self.lookup = _ChainDigests(store, disk, [p.id for p in chain])
+        self.paths = {p.id: path for p, path in zip(chain, view.paths, strict=False)}
         self.zero_digest = zero_digest(self.size)
         self.zero_cluster = bytes(self.size)
         self.result = DiskResult(disk, "", "", view.virtual_size)
         self.verify = verify
 
     def run(self, sink: _Sink, progress: Progress | None) -> None:
-        """Copy the whole disk into `sink`: a reader thread walks the view and fills buffers
-        while this thread checks digests and writes, so reads and writes overlap."""
-        with _Prefetcher(self.view) as prefetched:
-            for item, buffer in prefetched:
-                if isinstance(item, tuple):
-                    sink.zero(*item)
-                    done = item[1]
-                else:
-                    assert buffer is not None
-                    view = memoryview(buffer)[: item.end - item.start]
-                    if self.verify:
-                        nonzero = self._verified_nonzero(item, view)
+        """Copy the whole disk into `sink`, then wait for the last checks."""
+        slots = Slots(RING_BUFFERS, CHUNK)
+        hasher = HashWorker(slots, self.size) if self.verify else None
+        try:
+            with _Prefetcher(self.view, slots) as prefetched:
+                for item in prefetched:
+                    if isinstance(item, tuple):
+                        sink.zero(*item)
+                        done = item[1]
                     else:
-                        nonzero = self._nonzero(view)
-                    self._emit(item.start, view, nonzero, sink)
-                    prefetched.release(buffer)
-                    done = item.end - item.start
-                if progress is not None:
-                    progress(done)
+                        self._batch(item, slots, hasher, sink)
+                        done = item.end - item.start
+                    if progress is not None:
+                        progress(done)
+                    if hasher is not None:
+                        self._raise_failure(hasher)
+            if hasher is not None:
+                finished, hasher = hasher, None
+                finished.finish()
+                self._raise_failure(finished)
+        finally:
+            if hasher is not None:
+                hasher.kill()
+            slots.close()
 
-    def _verified_nonzero(self, batch: _Batch, view: memoryview) -> list[bool]:
-        """Per cluster of the batch: True when it holds data; every cluster checked on the way."""
+    def _batch(self, batch: _Batch, slots: Slots, hasher: HashWorker | None, sink: _Sink) -> None:
+        """Hand the batch's checks to the hasher, write its non-zero clusters, free the slot."""
+        buffer = slots.view(batch.slot)
+        try:
+            view = buffer[: batch.end - batch.start]
+            checks: list[HashCheck] = []
+            nonzero = self._classify(batch, view, checks)
+            slots.hold(batch.slot, 2 if hasher is not None else 1)
+            if hasher is not None:
+                hasher.submit(batch.slot, checks)
+                self.result.verified_clusters += len(checks)
+            self._emit(batch.start, view, nonzero, sink)
+            del view
+        finally:
+            buffer.release()
+        slots.release(batch.slot)
+
+    def _classify(self, batch: _Batch, view: memoryview, checks: list[HashCheck]) -> list[bool]:
+        """Per cluster of the batch: True when it holds data. Clusters with a recorded digest
+        go to `checks` (when verifying) and are classified by that digest."""
         size = self.size
         first = batch.start // size
         count = -(-(batch.end - batch.start) // size)
         owner = self._owners(batch, first, count)
-        nonzero = []
-        for i in range(count):
-            chunk = view[i * size : (i + 1) * size]
-            if len(chunk) < size:
-                chunk = memoryview(bytes(chunk) + bytes(size - len(chunk)))
-            digest = blake3.blake3(chunk).digest()
-            point_id = owner[i]
-            if point_id is not None:
-                expected = self.lookup.get(point_id, first + i)
-                if expected is not None:
-                    if digest != expected:
-                        raise RestoreChecksumError(
-                            self.point.vm, point_id, self.disk, first + i, self._path_of(batch, i)
-                        )
-                    self.result.verified_clusters += 1
-            nonzero.append(digest != self.zero_digest)
+        nonzero = [False] * count
+        for i, point_id in enumerate(owner):
+            if point_id == _ZERO:
+                continue
+            at = i * size
+            length = min(size, len(view) - at)
+            expected = None if point_id is None else self.lookup.get(point_id, first + i)
+            if expected is not None and point_id is not None and self.verify:
+                checks.append(HashCheck(at, length, expected, point_id, first + i))
+                nonzero[i] = expected != self.zero_digest
+            else:
+                piece = view[at : at + length]
+                # store data is almost never zero: its first byte usually decides at once
+                nonzero[i] = piece[0] != 0 or bytes(piece) != self.zero_cluster[:length]
         return nonzero
 
-    def _nonzero(self, view: memoryview) -> list[bool]:
-        """Per cluster: True when it holds data (no checksums: `--no-verify`)."""
-        size = self.size
-        result = []
-        for at in range(0, len(view), size):
-            # store data is almost never zero: its first byte usually decides at once
-            piece = view[at : at + size]
-            result.append(piece[0] != 0 or bytes(piece) != self.zero_cluster[: len(piece)])
-        return result
-
     def _owners(self, batch: _Batch, first: int, count: int) -> list[int | None]:
-        """The point whose file stores each whole cluster of the batch (None: mixed or none)."""
+        """Per cluster: the point whose file stores all of it, None when several files or
+        zeros share it (checked by its bytes), _ZERO when it is all zeros."""
         size = self.size
-        owner: list[int | None] = [None] * count
+        owner: list[int | None] = [_ZERO] * count
         for run in batch.runs:
-            lo = -(-run.guest_offset // size)
-            hi = (run.guest_offset + run.length) // size
+            lo = run.guest_offset // size
+            hi = -(-(run.guest_offset + run.length) // size)
+            whole_lo = -(-run.guest_offset // size)
+            whole_hi = (run.guest_offset + run.length) // size
             if run.guest_offset + run.length == self.view.virtual_size:
-                hi = -(-(run.guest_offset + run.length) // size)
+                whole_hi = hi
             for cluster in range(lo, hi):
-                owner[cluster - first] = run.point_id
+                index = cluster - first
+                if run.kind is ViewKind.ZERO:
+                    if owner[index] != _ZERO:
+                        owner[index] = None  # data and zeros share it
+                elif whole_lo <= cluster < whole_hi and owner[index] == _ZERO:
+                    owner[index] = run.point_id
+                else:
+                    owner[index] = None
         return owner
 
-    def _path_of(self, batch: _Batch, index: int) -> Path | None:
-        offset = batch.start + index * self.size
-        for run in batch.runs:
-            if run.guest_offset <= offset < run.guest_offset + run.length:
-                return run.path
-        return None
+    def _raise_failure(self, hasher: HashWorker) -> None:
+        if hasher.failure is not None:
+            raise hasher.failure
+        bad = hasher.mismatch
+        if bad is not None:
+            raise RestoreChecksumError(
+                self.point.vm, bad.point_id, self.disk, bad.cluster, self.paths.get(bad.point_id)
+            )
 
     def _emit(self, start: int, view: memoryview, nonzero: list[bool], sink: _Sink) -> None:
         """Coalesce neighbouring clusters of the same kind into one data or zero call each."""
@@ -437,6 +489,10 @@ class _Flattener:
             else:
                 sink.zero(start + i * size, len(piece))
             i = j
+
+
+_ZERO = -1
+"""_Flattener._owners: the cluster reads as zeros (no file stores it)."""
 
 
 def flatten_disk(

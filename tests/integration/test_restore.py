@@ -257,6 +257,7 @@ def test_damaged_store_fails_the_restore_and_leaves_nothing(
     result = lbrestore(store, "restore", "vm1@latest", "--to", str(out))
     assert result.returncode == 1
     assert "checksum" in result.stderr and "Traceback" not in result.stderr
+    assert f"vm1@#{point} disk vdb" in result.stderr and str(top.name) in result.stderr
     assert not out.exists()
     existing = tmp_path / "existing"
     existing.mkdir()
