@@ -11,6 +11,7 @@ import bisect
 import contextlib
 import mmap
 import os
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -26,6 +27,9 @@ from lbstore.store import Store
 
 CHUNK = 8 << 20
 """Bytes read from an image and handed to the ingest at a time (a multiple of every cluster)."""
+
+READ_AHEAD = 3
+"""Chunks read (and hashed) ahead of the one being written."""
 
 Progress = Callable[[int], None]
 
@@ -99,34 +103,38 @@ def _copy(
 
     Chunks the image itself maps as zeros (holes of a sparse raw file, zero or unallocated
     clusters of a qcow2 without backing file) are passed on as zeros without being read.
-    A helper thread reads the next chunk into a page-aligned buffer and hashes its clusters
-    while the current chunk is written (the write releases the GIL), as qemu-img overlaps I/O.
+    A helper thread reads chunks ahead into page-aligned buffers (the store writes them with
+    O_DIRECT) and hashes their clusters while the current chunk is written (the write releases
+    the GIL), as qemu-img overlaps I/O. READ_AHEAD chunks may be ready or in progress, so
+    an uneven write time does not leave the reader idle.
     """
     size = image.virtual_size
     zeros = _zero_ranges(image)
     chunks = [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
-    to_read = [c for c in chunks if not _covered(zeros, c[0], c[0] + c[1])]
-    buffers = [mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK)]
+    to_read = [c[0] for c in chunks if not _covered(zeros, c[0], c[0] + c[1])]
+    buffers = [mmap.mmap(-1, CHUNK) for _ in range(min(READ_AHEAD + 1, len(to_read)))]
     cluster_size = disk.cluster_size
     try:
         with ThreadPoolExecutor(1) as reader:
-
-            def submit(k: int) -> Future[tuple[memoryview, list[bytes]]] | None:
-                if k >= len(to_read):
-                    return None
-                offset = to_read[k][0]
-                return reader.submit(_read_chunk, image, offset, buffers[k % 2], cluster_size)
-
-            pending, k = submit(0), 0
+            # Buffer k % len(buffers) is refilled only once chunk k - len(buffers) is written.
+            ahead: deque[Future[tuple[memoryview, list[bytes]]]] = deque(
+                reader.submit(_read_chunk, image, to_read[k], buffers[k], cluster_size)
+                for k in range(len(buffers))
+            )
+            k = len(buffers)
             for offset, length in chunks:
-                if pending is None or to_read[k][0] != offset:
+                if not ahead or to_read[k - len(ahead)] != offset:
                     disk.zero(offset, length)
                 else:
-                    view, digests = pending.result()
-                    k += 1
-                    pending = submit(k)
+                    view, digests = ahead.popleft().result()
                     disk.write(offset, view, digests=digests)
                     view.release()
+                    if k < len(to_read):
+                        buffer = buffers[k % len(buffers)]
+                        ahead.append(
+                            reader.submit(_read_chunk, image, to_read[k], buffer, cluster_size)
+                        )
+                        k += 1
                 if progress is not None:
                     progress(length)
     finally:
