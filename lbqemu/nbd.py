@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import mmap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ DEFAULT_CHUNK: Final = 4 << 20
 DEFAULT_DEPTH: Final = 8
 STATUS_WINDOW: Final = 1 << 30
 MAX_REQUESTS: Final = 64
+ALIGNED_BUFFER: Final = 256 << 10  # read buffers from this size on are page-aligned
 
 
 class _Zero:
@@ -256,8 +258,11 @@ class BufferPool:
             free = self._free.get(length)
             if free:
                 return free.pop()
-        # A Buffer over our own bytearray: its memory can be lent to the sink without a copy.
-        return nbd.Buffer.from_buffer(bytearray(length))
+        # A Buffer over our own memory: it can be lent to the sink without a copy. Long ones
+        # are page-aligned (mmap), so the store can write them with O_DIRECT; short ones are
+        # written through the page cache anyway and come cheaper from the heap.
+        memory = mmap.mmap(-1, length) if length >= ALIGNED_BUFFER else bytearray(length)
+        return nbd.Buffer.from_buffer(memory)
 
     def give(self, buf: nbd.Buffer, length: int) -> None:
         with self._lock:

@@ -41,6 +41,9 @@ from lbstore.model import RestorePoint
 from lbstore.store import Store
 
 QUEUE_CHUNKS = 4
+BATCH_RUNS = 256
+"""Most runs the reader hands over at once (small runs of an incremental travel together, so
+the event loop wakes once per batch, not once per cluster)."""
 
 
 @dataclass(frozen=True)
@@ -223,17 +226,21 @@ async def run_backup(
         chosen = choose_disks(all_disks, options.disks)
         if not chosen:
             raise AppError(f"the VM behind {options.qmp} has no writable disk to back up")
-        definition = await vm_definition(session, all_disks)
+        # The definition's queries travel while the view is set up and the disks are pulled
+        # (QMP matches replies by id); the ingest gets it just before its commit.
+        definition = asyncio.ensure_future(vm_definition(session, all_disks))
         try:
-            with store.begin(options.vm, definition=definition) as ingest:
+            with store.begin(options.vm) as ingest:
                 token = str(ingest.point_id)
                 plans = plan_disks(store, options.vm, chosen, token, options.full)
                 await bitmaps.prepare(session, plans)
                 job = _Job(session, store, options, hooks, plans, summary)
-                point = await job.run(ingest, token)
+                point = await job.run(ingest, token, definition)
         except Exception as exc:
             _record_failure(store, options.vm, exc)
             raise
+        finally:
+            await _settle(definition)
     summary.point_id, summary.kind = point.id, point.kind
     summary.duration = time.monotonic() - started
     _record_events(store, summary, plans)
@@ -297,7 +304,9 @@ class _Job:
         self.plans = plans
         self.summary = summary
 
-    async def run(self, ingest: Any, token: str) -> RestorePoint:
+    async def run(
+        self, ingest: Any, token: str, definition: asyncio.Future[dict[str, Any]]
+    ) -> RestorePoint:
         view = PointInTimeView(
             self.session,
             [(p.disk, p.export_bitmap) for p in self.plans],
@@ -316,6 +325,7 @@ class _Job:
                 for plan in self.plans:
                     await self._pull_disk(view, plan, ingest)
                 view.check_jobs()
+                ingest.definition = await definition
                 point: RestorePoint = ingest.commit()
                 committed = True
         finally:
@@ -353,12 +363,19 @@ class _Job:
         pulled = _threaded_pull(source, plan, dingest.cluster_size, self.options)
         async with contextlib.aclosing(pulled) as items:
             async for item in items:
-                if isinstance(item, list):
-                    if self.hooks.plan is not None:
-                        self.hooks.plan(disk.name, item)
-                else:
-                    store_run(*item)
+                if isinstance(item, _Batch):
+                    for run in item.runs:
+                        store_run(*run)
+                elif self.hooks.plan is not None:
+                    self.hooks.plan(disk.name, item)
         result.bytes_stored = dingest.stored_bytes
+
+
+async def _settle(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` if it is still running and collect its outcome (no stray warnings)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 async def _shielded(coro: Any) -> Any:
@@ -377,6 +394,40 @@ def _digests(data: Any, cluster_size: int) -> list[bytes] | None:
     """The store's per-cluster checksums, computed on the reader thread: hashing there
     overlaps the store's writes on the loop's thread (which release the GIL)."""
     return None if data is ZERO else cluster_digests(data.view, cluster_size)
+
+
+@dataclass
+class _Batch:
+    """Consecutive runs `(offset, length, data, digests)` from the reader, in offset order."""
+
+    runs: list[tuple[int, int, Any, list[bytes] | None]] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class _Batcher:
+    """Reader side: gathers runs into batches of up to `limit` bytes (or BATCH_RUNS runs).
+
+    A full backup's chunks (`limit` bytes each) go one per batch as before; an incremental's
+    scattered clusters go many per batch."""
+
+    def __init__(self, handoff: _Handoff, limit: int, align: int) -> None:
+        self.handoff = handoff
+        self.limit = limit
+        self.align = align
+        self.batch = _Batch()
+
+    def add(self, offset: int, length: int, data: Any) -> None:
+        batch = self.batch
+        batch.runs.append((offset, length, data, _digests(data, self.align)))
+        if data is not ZERO:
+            batch.nbytes += length
+        if batch.nbytes >= self.limit or len(batch.runs) >= BATCH_RUNS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch.runs:
+            batch, self.batch = self.batch, _Batch()
+            self.handoff.put(batch)
 
 
 class _Handoff:
@@ -436,14 +487,13 @@ async def _threaded_pull(
     the reader is stopped and joined before this generator finishes."""
     stop = threading.Event()
     handoff = _Handoff(asyncio.get_running_loop(), stop)
+    batcher = _Batcher(handoff, options.chunk, align)
 
     def reader() -> None:
         try:
             pull(
                 source,
-                lambda offset, length, data: handoff.put(
-                    (offset, length, data, _digests(data, align))
-                ),
+                batcher.add,
                 align=align,
                 dirty_bitmap=plan.export_bitmap,
                 chunk=options.chunk,
@@ -452,6 +502,7 @@ async def _threaded_pull(
                 on_plan=handoff.put,
                 borrow=True,
             )
+            batcher.flush()
             handoff.put(_DONE)
         except BaseException as exc:
             handoff.put(exc)
