@@ -1,11 +1,12 @@
-"""Checksum checks in a second process, on buffers shared with it (restore's verification).
+"""Reading and checksum checks in a second process, into buffers shared with it (restore).
 
-BLAKE3 (the `blake3` package) holds Python's GIL while it hashes, so a thread cannot hash while
-another writes. Restore therefore reads into a ring of buffers in shared memory (an anonymous
-`mmap`, shared with a forked child), hands each buffer's cluster list to a hashing process
-and writes the same buffer meanwhile. A buffer goes back to the reader only when both the
-writer and the hasher are done with it (`Slots.release` twice), so the bytes checked are
-exactly the bytes written, without a copy.
+BLAKE3 (the `blake3` package) holds Python's GIL while it hashes, and a reader thread competes
+with the writing thread for it too. Restore therefore hands both jobs to a forked child: the
+parent (which decides what to read and writes the result) sends, per buffer of a ring in shared
+memory (an anonymous `mmap`), the file ranges to read into it and the clusters to check; the
+child reads them with preadv, hashes, and answers. The parent writes a buffer only after its
+answer, so the bytes written are exactly the bytes checked, without a copy, while the child
+already reads and checks the next buffers.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from __future__ import annotations
 import contextlib
 import mmap
 import multiprocessing
-import queue
-import threading
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import blake3
+
+Problem = tuple[str | int, ...]
+"""What went wrong with a buffer: ("mismatch", check index), ("short", path, file offset) for
+a read past the end of a file, or ("error", path, message) for a failed read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,117 +37,105 @@ class HashCheck:
     cluster: int
 
 
+@dataclass(frozen=True, slots=True)
+class FileRead:
+    """Bytes [host, host + length) of `path`, to be read to offset `at` of a buffer."""
+
+    at: int
+    path: str
+    host: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The child's answer for one buffer: `problem` is None when every read and check passed."""
+
+    slot: int
+    problem: Problem | None
+
+
 class Slots:
-    """A fixed ring of equal buffers in shared memory, with per-buffer holder counts."""
+    """A fixed ring of equal buffers in shared memory (a forked child sees the same pages)."""
 
     def __init__(self, count: int, size: int) -> None:
+        self.count = count
         self.size = size
-        self.memory = mmap.mmap(-1, count * size)  # MAP_SHARED: a forked child sees it
-        self.free: queue.Queue[int] = queue.Queue()
-        self._holders = [0] * count
-        self._lock = threading.Lock()
-        for slot in range(count):
-            self.free.put(slot)
+        self.memory = mmap.mmap(-1, count * size)  # MAP_SHARED | MAP_ANONYMOUS
 
     def view(self, slot: int) -> memoryview:
-        """The whole buffer of `slot`."""
+        """The whole buffer of `slot` (release it before `close`)."""
         return memoryview(self.memory)[slot * self.size : (slot + 1) * self.size]
 
-    def hold(self, slot: int, holders: int) -> None:
-        """`slot` is now used by `holders` parties; each calls `release` once."""
-        with self._lock:
-            self._holders[slot] = holders
-
-    def release(self, slot: int) -> None:
-        """One party is done with `slot`; the last one returns it to the free ring."""
-        with self._lock:
-            self._holders[slot] -= 1
-            done = self._holders[slot] <= 0
-        if done:
-            self.free.put(slot)
-
     def close(self) -> None:
-        """Unmap the buffers (every view of them must be released first)."""
+        """Unmap the buffers."""
         with contextlib.suppress(BufferError):
             self.memory.close()
 
 
-class HashWorker:
-    """A forked process that checks clusters in `slots`, and a thread collecting its answers.
+class ReadHashWorker:
+    """A forked process that fills buffers of `slots` from files and checks their clusters.
 
-    `submit` sends one buffer's checks; when the child answers, the buffer is released and the
-    first mismatch, if any, is kept in `mismatch` as a HashCheck.
+    Requests are answered in the order they were submitted. Fork it before starting threads.
     """
 
     def __init__(self, slots: Slots, cluster_size: int) -> None:
-        self.slots = slots
-        self.mismatch: HashCheck | None = None
-        self.failure: BaseException | None = None
         context = multiprocessing.get_context("fork")
         child_requests, self._requests = context.Pipe(duplex=False)  # (receive, send) ends
-        self._answers, child_replies = context.Pipe(duplex=False)
+        self._answers, child_answers = context.Pipe(duplex=False)
         self._process = context.Process(
-            target=_hash_loop,
-            args=(child_requests, child_replies, slots.memory, slots.size, cluster_size),
-            name="lbrestore-hash",
+            target=_serve,
+            args=(child_requests, child_answers, slots.memory, slots.size, cluster_size),
+            name="lbrestore-read-hash",
             daemon=True,
         )
         self._process.start()
         child_requests.close()
-        child_replies.close()  # the child's end: EOF here once the child is gone
-        self._pending: dict[int, Sequence[HashCheck]] = {}
-        self._pending_lock = threading.Lock()
-        self._collector = threading.Thread(target=self._collect, name="restore-hash", daemon=True)
-        self._collector.start()
+        child_answers.close()  # the child's end: EOF here once the child is gone
 
-    def submit(self, slot: int, checks: Sequence[HashCheck]) -> None:
-        """Check `checks` (offsets within `slot`); the slot is released when they are done."""
-        with self._pending_lock:
-            self._pending[slot] = checks
-        self._requests.send((slot, [(c.at, c.length, c.expected) for c in checks]))
+    def submit(self, slot: int, reads: Sequence[FileRead], checks: Sequence[HashCheck]) -> None:
+        """Fill `slot` with `reads`, then check `checks` (offsets within the slot)."""
+        self._requests.send(
+            (
+                slot,
+                [(r.at, r.path, r.host, r.length) for r in reads],
+                [(c.at, c.length, c.expected) for c in checks],
+            )
+        )
 
-    def finish(self) -> None:
-        """Wait for every submitted check (then read `mismatch` and `failure`)."""
+    def answer(self) -> Answer:
+        """The answer to the oldest request not yet answered (waits for it)."""
+        try:
+            slot, problem = self._answers.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"the restore's read process ended unexpectedly ({self._process.exitcode})"
+            ) from None
+        return Answer(slot, problem)
+
+    def close(self) -> None:
+        """Let the child finish (every request must have been answered) and reap it."""
         with contextlib.suppress(OSError):
             self._requests.send(None)
-        self._collector.join()
         self._process.join()
         self._requests.close()
-        if self.failure is None and self._process.exitcode != 0:
-            self.failure = RuntimeError(f"hash process exited with {self._process.exitcode}")
+        self._answers.close()
 
     def kill(self) -> None:
-        """Stop at once (on failure elsewhere): the child is ended, the collector finishes."""
+        """End the child at once (on failure elsewhere) and reap it."""
         if self._process.is_alive():
             self._process.kill()
         self._process.join()
-        with contextlib.suppress(OSError):
-            self._requests.close()
-        self._collector.join()
-
-    def _collect(self) -> None:
-        try:
-            while True:
-                try:
-                    slot, bad = self._answers.recv()
-                except EOFError:
-                    return
-                with self._pending_lock:
-                    checks = self._pending.pop(slot)
-                if bad >= 0 and self.mismatch is None:
-                    self.mismatch = checks[bad]
-                self.slots.release(slot)
-        except BaseException as exc:  # handed to the restore, which raises it
-            self.failure = exc
-        finally:
-            self._answers.close()
+        self._requests.close()
+        self._answers.close()
 
 
-def _hash_loop(
-    requests: Connection, replies: Connection, memory: mmap.mmap, slot_size: int, cluster: int
+def _serve(
+    requests: Connection, answers: Connection, memory: mmap.mmap, slot_size: int, cluster: int
 ) -> None:
-    """In the child: answer each (slot, checks) with the index of the first mismatch or -1."""
+    """In the child: answer each (slot, reads, checks) with (slot, problem or None)."""
     view = memoryview(memory)
+    files: dict[str, int] = {}
     while True:
         try:
             message = requests.recv()
@@ -151,14 +143,41 @@ def _hash_loop(
             return
         if message is None:
             return
-        slot, checks = message
+        slot, reads, checks = message
         base = slot * slot_size
-        bad = -1
-        for index, (at, length, expected) in enumerate(checks):
-            content: memoryview | bytes = view[base + at : base + at + length]
-            if length < cluster:  # the disk's last, partial cluster: digested zero-padded
-                content = bytes(content) + bytes(cluster - length)
-            if blake3.blake3(content).digest() != expected:
-                bad = index
-                break
-        replies.send((slot, bad))
+        problem = _read_all(view, base, reads, files)
+        if problem is None:
+            problem = _check_all(view, base, checks, cluster)
+        answers.send((slot, problem))
+
+
+def _read_all(
+    view: memoryview, base: int, reads: list[tuple[int, str, int, int]], files: dict[str, int]
+) -> Problem | None:
+    for at, path, host, length in reads:
+        try:
+            fd = files.get(path)
+            if fd is None:
+                fd = files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            dest = view[base + at : base + at + length]
+            done = 0
+            while done < length:
+                got = os.preadv(fd, [dest[done:]], host + done)
+                if got == 0:
+                    return ("short", path, host + done)
+                done += got
+        except OSError as exc:
+            return ("error", path, exc.strerror or str(exc))
+    return None
+
+
+def _check_all(
+    view: memoryview, base: int, checks: list[tuple[int, int, bytes]], cluster: int
+) -> Problem | None:
+    for index, (at, length, expected) in enumerate(checks):
+        content: memoryview | bytes = view[base + at : base + at + length]
+        if length < cluster:  # the disk's last, partial cluster: digested zero-padded
+            content = bytes(content) + bytes(cluster - length)
+        if blake3.blake3(content).digest() != expected:
+            return ("mismatch", index)
+    return None

@@ -27,14 +27,17 @@ from pathlib import Path
 from typing import Protocol
 
 from lbrestore.errors import AppError
-from lbrestore.hashproc import HashCheck, HashWorker, Slots
+from lbrestore.hashproc import FileRead, HashCheck, Problem, ReadHashWorker, Slots
 from lbrestore.vmdef import HostDefinition, RestoredDisk, write_host_definition
+from lbstore.errors import Qcow2Error
 from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, DIGEST_SIZE
 from lbstore.model import RestorePoint
 from lbstore.names import check_vm_name
 from lbstore.qcow2.writer import Qcow2Writer
 from lbstore.store import Store
 from lbstore.view import ChainView, ViewKind, ViewRun, zero_digest
+
+_ZEROS = bytes(1 << 20)
 
 CHUNK = 8 << 20
 """Guest bytes read per step: large sequential reads, bounded memory (a multiple of clusters)."""
@@ -203,6 +206,8 @@ class _Batch:
     end: int
     runs: list[ViewRun]
     slot: int = -1
+    nonzero: list[bool | None] = field(default_factory=list)  # None: decide from the bytes
+    checks: list[HashCheck] = field(default_factory=list)
 
 
 def _walk(view: ChainView) -> Iterator[_Batch | tuple[int, int]]:
@@ -241,37 +246,28 @@ def _split(run: ViewRun) -> Iterator[ViewRun]:
         pos = stop
 
 
-def _data_stretches(batch: _Batch, cluster: int) -> Iterator[tuple[int, int]]:
-    """[start, end) guest ranges of the batch to read: its non-zero runs, joined when they
-    touch and widened to whole clusters (the view zero-fills any zero part it covers)."""
-    start = end = -1
-    for run in batch.runs:
-        if run.kind is ViewKind.ZERO:
-            continue
-        lo = max(batch.start, run.guest_offset - run.guest_offset % cluster)
-        hi = min(batch.end, -(-(run.guest_offset + run.length) // cluster) * cluster)
-        if lo <= end:
-            end = max(end, hi)
-            continue
-        if end > start:
-            yield start, end
-        start, end = lo, hi
-    if end > start:
-        yield start, end
-
-
 class _ChainDigests:
     """The recorded digests of every file of a chain, one checksum chunk at a time.
 
     Restore walks the disk in guest order, so all digests of the current chunk (65536 clusters)
     of all files of the chain are loaded together into one dict, and dropped when the walk moves
     on: memory is bounded by one chunk, and each index row is read once.
+
+    The walk runs in its own thread, and an SQLite connection serves only the thread that
+    opened it: the index is opened again, read-only, by the first lookup (`close` it).
     """
 
     def __init__(self, store: Store, disk: str, point_ids: Sequence[int]) -> None:
-        self.index, self.disk, self.point_ids = store.index, disk, point_ids
+        self.store_path, self.disk, self.point_ids = store.path, disk, point_ids
+        self.store: Store | None = None
         self.chunk = -1
         self.digests: dict[tuple[int, int], bytes] = {}
+
+    def close(self) -> None:
+        """Close the index opened for the lookups."""
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     def get(self, point_id: int, cluster: int) -> bytes | None:
         """The digest recorded for `cluster` in `point_id`'s own file, or None."""
@@ -281,10 +277,12 @@ class _ChainDigests:
         return self.digests.get((point_id, cluster))
 
     def _load(self, chunk: int) -> None:
+        if self.store is None:
+            self.store = Store.open(self.store_path)
         self.chunk = chunk
         self.digests = {}
         for point_id in self.point_ids:
-            row = self.index.checksum_chunk(point_id, self.disk, chunk)
+            row = self.store.index.checksum_chunk(point_id, self.disk, chunk)
             if row is None:
                 continue
             base = chunk * CHECKSUM_CHUNK_CLUSTERS
@@ -297,22 +295,25 @@ class _ChainDigests:
                     position += DIGEST_SIZE
 
 
-class _Prefetcher:
-    """Walks a view and reads its batches in a thread into shared buffers, ahead of the writer.
+class _Submitter:
+    """A thread that walks a view and submits its batches to the read-and-check worker,
+    at most RING_BUFFERS ahead of the writer (one shared buffer each).
 
-    The view is used by the reader thread only (it is not thread-safe); the consumer gets
-    zero ranges and filled batches in guest order, and releases each batch's slot (see
-    hashproc.Slots) when done with it.
+    The view is used by this thread only (it is not thread-safe). The consumer gets zero
+    ranges and submitted batches in guest order, takes the worker's answers in the same order,
+    and puts each batch's slot back into `free` once written.
     """
 
-    def __init__(self, view: ChainView, slots: Slots) -> None:
-        self.view = view
-        self.slots = slots
+    def __init__(self, flattener: _Flattener, slots: Slots, worker: ReadHashWorker) -> None:
+        self.flattener, self.slots, self.worker = flattener, slots, worker
+        self.free: queue.Queue[int] = queue.Queue()
+        for slot in range(slots.count):
+            self.free.put(slot)
         self.ready: queue.Queue[object] = queue.Queue(RING_BUFFERS * 4)
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._read_all, name="restore-reader", daemon=True)
+        self.thread = threading.Thread(target=self._walk_all, name="restore-walk", daemon=True)
 
-    def __enter__(self) -> _Prefetcher:
+    def __enter__(self) -> _Submitter:
         self.thread.start()
         return self
 
@@ -320,8 +321,8 @@ class _Prefetcher:
         self.stopping.set()
         while self.thread.is_alive():
             with contextlib.suppress(queue.Empty):
-                self.ready.get(timeout=0.1)  # unblock a reader waiting on a full queue
-            self.slots.free.put(-1)  # unblock a reader waiting for a buffer
+                self.ready.get(timeout=0.1)  # unblock the walker waiting on a full queue
+            self.free.put(-1)  # unblock the walker waiting for a buffer
         self.thread.join()
 
     def __iter__(self) -> Iterator[_Batch | tuple[int, int]]:
@@ -333,25 +334,22 @@ class _Prefetcher:
                 raise item
             yield item  # type: ignore[misc]
 
-    def _read_all(self) -> None:
+    def _walk_all(self) -> None:
         try:
-            cluster = self.view.cluster_size
-            for item in _walk(self.view):
+            for item in _walk(self.flattener.view):
                 if self.stopping.is_set():
                     return
                 if isinstance(item, _Batch):
-                    item.slot = self.slots.free.get()
+                    item.slot = self.free.get()
                     if self.stopping.is_set() or item.slot < 0:
                         return
-                    buffer = self.slots.view(item.slot)
-                    for start, end in _data_stretches(item, cluster):
-                        at = start - item.start
-                        self.view.readinto(start, buffer[at : at + end - start])
-                    buffer.release()
+                    self.flattener._submit(item, self.slots, self.worker)
                 self.ready.put(item)
             self.ready.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it
             self.ready.put(exc)
+        finally:
+            self.flattener.lookup.close()
 
 
 _DONE = object()
@@ -360,10 +358,11 @@ _DONE = object()
 class _Flattener:
     """Reads a view's data, verifies each cluster's digest and feeds non-zero clusters to a sink.
 
-    Three workers overlap: a reader thread fills shared buffers, a forked process checks
-    their clusters' BLAKE3 digests (hashproc), and this thread writes them meanwhile. Which
-    clusters are zero comes from the recorded digest (the zero cluster's digest) when it is
-    checked, else from the bytes.
+    This thread walks the view and writes; a forked process (hashproc) reads the stored data
+    into a ring of shared buffers and checks the digests, RING_BUFFERS batches ahead, so
+    reading, hashing and writing overlap on separate cores. A batch is written only once its
+    checks passed. Which clusters are zero comes from the recorded digest (the zero cluster's)
+    when it is checked, else from the bytes.
     """
 
     def __init__(
@@ -373,77 +372,122 @@ class _Flattener:
         self.size = view.cluster_size
         chain = store.chain(point, disk)
         self.lookup = _ChainDigests(store, disk, [p.id for p in chain])
-        self.paths = {p.id: path for p, path in zip(chain, view.paths, strict=False)}
         self.zero_digest = zero_digest(self.size)
         self.zero_cluster = bytes(self.size)
         self.result = DiskResult(disk, "", "", view.virtual_size)
         self.verify = verify
 
     def run(self, sink: _Sink, progress: Progress | None) -> None:
-        """Copy the whole disk into `sink`, then wait for the last checks."""
+        """Copy the whole disk into `sink`, in guest order: a thread walks the view and sends
+        each batch to the worker process; this thread writes the batches it has checked."""
         slots = Slots(RING_BUFFERS, CHUNK)
-        hasher = HashWorker(slots, self.size) if self.verify else None
+        worker = ReadHashWorker(slots, self.size)  # forked before any thread starts
+        closed = False
         try:
-            with _Prefetcher(self.view, slots) as prefetched:
-                for item in prefetched:
+            with _Submitter(self, slots, worker) as submitted:
+                for item in submitted:
                     if isinstance(item, tuple):
-                        sink.zero(*item)
-                        done = item[1]
-                    else:
-                        self._batch(item, slots, hasher, sink)
-                        done = item.end - item.start
+                        self._zero(item, sink, progress)
+                        continue
+                    self._complete(item, worker, slots, sink)
+                    submitted.free.put(item.slot)
                     if progress is not None:
-                        progress(done)
-                    if hasher is not None:
-                        self._raise_failure(hasher)
-            if hasher is not None:
-                finished, hasher = hasher, None
-                finished.finish()
-                self._raise_failure(finished)
+                        progress(item.end - item.start)
+            worker.close()
+            closed = True
         finally:
-            if hasher is not None:
-                hasher.kill()
+            if not closed:
+                worker.kill()
             slots.close()
 
-    def _batch(self, batch: _Batch, slots: Slots, hasher: HashWorker | None, sink: _Sink) -> None:
-        """Hand the batch's checks to the hasher, write its non-zero clusters, free the slot."""
-        buffer = slots.view(batch.slot)
-        try:
-            view = buffer[: batch.end - batch.start]
-            checks: list[HashCheck] = []
-            nonzero = self._classify(batch, view, checks)
-            slots.hold(batch.slot, 2 if hasher is not None else 1)
-            if hasher is not None:
-                hasher.submit(batch.slot, checks)
-                self.result.verified_clusters += len(checks)
-            self._emit(batch.start, view, nonzero, sink)
-            del view
-        finally:
-            buffer.release()
-        slots.release(batch.slot)
+    def _zero(self, item: tuple[int, int], sink: _Sink, progress: Progress | None) -> None:
+        sink.zero(*item)
+        if progress is not None:
+            progress(item[1])
 
-    def _classify(self, batch: _Batch, view: memoryview, checks: list[HashCheck]) -> list[bool]:
-        """Per cluster of the batch: True when it holds data. Clusters with a recorded digest
-        go to `checks` (when verifying) and are classified by that digest."""
+    def _submit(self, batch: _Batch, slots: Slots, worker: ReadHashWorker) -> None:
+        """Classify the batch's clusters and send its reads and checks to the worker."""
         size = self.size
         first = batch.start // size
         count = -(-(batch.end - batch.start) // size)
         owner = self._owners(batch, first, count)
-        nonzero = [False] * count
+        batch.nonzero = [False if point_id == _ZERO else None for point_id in owner]
+        reads: list[FileRead] = []
+        buffer = slots.view(batch.slot)
+        try:
+            for run in batch.runs:
+                at = run.guest_offset - batch.start
+                if run.kind is ViewKind.DATA:
+                    assert run.path is not None and run.host_offset is not None
+                    reads.append(FileRead(at, str(run.path), run.host_offset, run.length))
+                elif run.kind is ViewKind.COMPRESSED:  # rare: decompressed here, in order
+                    self.view.readinto(run.guest_offset, buffer[at : at + run.length])
+                elif run.guest_offset % size or (run.guest_offset + run.length) % size:
+                    _zero_fill(buffer[at : at + run.length])  # zeros inside a data cluster
+        finally:
+            buffer.release()
+        if self.verify:
+            self._checks(batch, owner, first)
+        worker.submit(batch.slot, reads, batch.checks)
+
+    def _checks(self, batch: _Batch, owner: list[int | None], first: int) -> None:
+        """The clusters with a recorded digest: checked by the worker, classified by it."""
+        size = self.size
+        length = batch.end - batch.start
         for i, point_id in enumerate(owner):
-            if point_id == _ZERO:
+            if point_id is None or point_id == _ZERO:
                 continue
-            at = i * size
-            length = min(size, len(view) - at)
-            expected = None if point_id is None else self.lookup.get(point_id, first + i)
-            if expected is not None and point_id is not None and self.verify:
-                checks.append(HashCheck(at, length, expected, point_id, first + i))
-                nonzero[i] = expected != self.zero_digest
-            else:
-                piece = view[at : at + length]
-                # store data is almost never zero: its first byte usually decides at once
-                nonzero[i] = piece[0] != 0 or bytes(piece) != self.zero_cluster[:length]
-        return nonzero
+            expected = self.lookup.get(point_id, first + i)
+            if expected is not None:
+                at = i * size
+                batch.checks.append(
+                    HashCheck(at, min(size, length - at), expected, point_id, first + i)
+                )
+                batch.nonzero[i] = expected != self.zero_digest
+
+    def _complete(self, item: _Batch, worker: ReadHashWorker, slots: Slots, sink: _Sink) -> None:
+        """Write out a batch once the worker has read and checked it."""
+        answer = worker.answer()
+        if answer.slot != item.slot:
+            raise RuntimeError(f"read process answered slot {answer.slot}, not {item.slot}")
+        if answer.problem is not None:
+            raise self._problem(item, answer.problem)
+        buffer = slots.view(item.slot)
+        try:
+            view = buffer[: item.end - item.start]
+            self._emit(item.start, view, self._nonzero(item, view), sink)
+            view.release()
+        finally:
+            buffer.release()
+        self.result.verified_clusters += len(item.checks)
+
+    def _nonzero(self, batch: _Batch, view: memoryview) -> list[bool]:
+        """Per cluster: True when it holds data; those not classified by digest are looked at
+        (store data is almost never zero: its first byte usually decides at once)."""
+        size = self.size
+        result = []
+        for i, known in enumerate(batch.nonzero):
+            if known is None:
+                piece = view[i * size : (i + 1) * size]
+                known = piece[0] != 0 or bytes(piece) != self.zero_cluster[: len(piece)]
+            result.append(known)
+        return result
+
+    def _problem(self, batch: _Batch, problem: Problem) -> Exception:
+        """The error for what the worker found wrong with `batch`."""
+        kind = problem[0]
+        if kind == "mismatch":
+            check = batch.checks[int(problem[1])]
+            path = next(
+                (r.path for r in batch.runs if r.point_id == check.point_id and r.path), None
+            )
+            return RestoreChecksumError(
+                self.point.vm, check.point_id, self.disk, check.cluster, path
+            )
+        path = Path(str(problem[1]))
+        if kind == "short":
+            return Qcow2Error(path, f"data cluster at {problem[2]:#x} is past end of file")
+        return Qcow2Error(path, f"read error: {problem[2]}")
 
     def _owners(self, batch: _Batch, first: int, count: int) -> list[int | None]:
         """Per cluster: the point whose file stores all of it, None when several files or
@@ -468,15 +512,6 @@ class _Flattener:
                     owner[index] = None
         return owner
 
-    def _raise_failure(self, hasher: HashWorker) -> None:
-        if hasher.failure is not None:
-            raise hasher.failure
-        bad = hasher.mismatch
-        if bad is not None:
-            raise RestoreChecksumError(
-                self.point.vm, bad.point_id, self.disk, bad.cluster, self.paths.get(bad.point_id)
-            )
-
     def _emit(self, start: int, view: memoryview, nonzero: list[bool], sink: _Sink) -> None:
         """Coalesce neighbouring clusters of the same kind into one data or zero call each."""
         size = self.size
@@ -496,6 +531,12 @@ class _Flattener:
 
 _ZERO = -1
 """_Flattener._owners: the cluster reads as zeros (no file stores it)."""
+
+
+def _zero_fill(dest: memoryview) -> None:
+    for start in range(0, len(dest), len(_ZEROS)):
+        part = dest[start : start + len(_ZEROS)]
+        part[:] = _ZEROS[: len(part)]
 
 
 def flatten_disk(
