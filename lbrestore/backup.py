@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from lbstore.model import RestorePoint
 from lbstore.store import Store
 
 QUEUE_CHUNKS = 4
+Digests = Future[list[bytes]]
 BATCH_RUNS = 256
 """Most runs the reader hands over at once (small runs of an incremental travel together, so
 the event loop wakes once per batch, not once per cluster)."""
@@ -364,11 +366,21 @@ class _Job:
         async with contextlib.aclosing(pulled) as items:
             async for item in items:
                 if isinstance(item, _Batch):
-                    for run in item.runs:
-                        store_run(*run)
+                    for offset, length, data, digests in item.runs:
+                        store_run(offset, length, data, await _result(digests))
                 elif self.hooks.plan is not None:
                     self.hooks.plan(disk.name, item)
         result.bytes_stored = dingest.stored_bytes
+
+
+async def _result(digests: Digests | None) -> list[bytes] | None:
+    """The checksums of a run, waiting (without blocking the loop) if they are not ready."""
+    if digests is None:
+        return None
+    if digests.done():
+        return digests.result()
+    known: list[bytes] = await asyncio.wrap_future(digests)
+    return known
 
 
 async def _settle(task: asyncio.Future[Any]) -> None:
@@ -390,17 +402,12 @@ async def _shielded(coro: Any) -> Any:
 _DONE = object()
 
 
-def _digests(data: Any, cluster_size: int) -> list[bytes] | None:
-    """The store's per-cluster checksums, computed on the reader thread: hashing there
-    overlaps the store's writes on the loop's thread (which release the GIL)."""
-    return None if data is ZERO else cluster_digests(data.view, cluster_size)
-
-
 @dataclass
 class _Batch:
-    """Consecutive runs `(offset, length, data, digests)` from the reader, in offset order."""
+    """Consecutive runs `(offset, length, data, digests)` from the reader, in offset order;
+    `digests` (None for a zero run) are the clusters' checksums, being computed."""
 
-    runs: list[tuple[int, int, Any, list[bytes] | None]] = field(default_factory=list)
+    runs: list[tuple[int, int, Any, Digests | None]] = field(default_factory=list)
     nbytes: int = 0
 
 
@@ -408,17 +415,23 @@ class _Batcher:
     """Reader side: gathers runs into batches of up to `limit` bytes (or BATCH_RUNS runs).
 
     A full backup's chunks (`limit` bytes each) go one per batch as before; an incremental's
-    scattered clusters go many per batch."""
+    scattered clusters go many per batch. Each data run's checksums are computed on the
+    `hasher` thread: BLAKE3 holds the GIL, but libnbd (on the reader) and the store's writes
+    (on the loop) do not, so hashing on its own thread overlaps both."""
 
-    def __init__(self, handoff: _Handoff, limit: int, align: int) -> None:
+    def __init__(self, handoff: _Handoff, limit: int, align: int, hasher: Executor) -> None:
         self.handoff = handoff
         self.limit = limit
         self.align = align
+        self.hasher = hasher
         self.batch = _Batch()
 
     def add(self, offset: int, length: int, data: Any) -> None:
         batch = self.batch
-        batch.runs.append((offset, length, data, _digests(data, self.align)))
+        digests = None
+        if data is not ZERO:
+            digests = self.hasher.submit(cluster_digests, data.view, self.align)
+        batch.runs.append((offset, length, data, digests))
         if data is not ZERO:
             batch.nbytes += length
         if batch.nbytes >= self.limit or len(batch.runs) >= BATCH_RUNS:
@@ -487,7 +500,8 @@ async def _threaded_pull(
     the reader is stopped and joined before this generator finishes."""
     stop = threading.Event()
     handoff = _Handoff(asyncio.get_running_loop(), stop)
-    batcher = _Batcher(handoff, options.chunk, align)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix=f"blake3-{source.export}")
+    batcher = _Batcher(handoff, options.chunk, align, hasher)
 
     def reader() -> None:
         try:
@@ -522,3 +536,4 @@ async def _threaded_pull(
         while thread.is_alive():
             handoff.drain()
             await asyncio.sleep(0.01)
+        hasher.shutdown(wait=True, cancel_futures=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lbqemu.nbd import ZERO, Borrowed, BufferPool
 from lbrestore.backup import BATCH_RUNS, _Batch, _Batcher
+from lbstore.ingest import cluster_digests
 
 CLUSTER = 65536
 
@@ -27,7 +29,7 @@ def _data(length: int) -> Borrowed:
 
 def _batcher(limit: int) -> tuple[_Batcher, _Collect]:
     sink = _Collect()
-    return _Batcher(sink, limit, CLUSTER), sink  # type: ignore[arg-type]
+    return _Batcher(sink, limit, CLUSTER, ThreadPoolExecutor(1)), sink  # type: ignore[arg-type]
 
 
 def test_small_runs_are_handed_over_together_in_order() -> None:
@@ -40,8 +42,10 @@ def test_small_runs_are_handed_over_together_in_order() -> None:
     runs = [run for item in sink.items for run in item.runs]
     assert [run[0] for run in runs] == [k * 2 * CLUSTER for k in range(300)]
     assert all(len(item.runs) <= BATCH_RUNS for item in sink.items)
-    # every data run comes with its cluster digests, zero runs with none
+    # every data run comes with its cluster digests (computed on the hasher thread)
     assert all((run[3] is None) == (run[2] is ZERO) for run in runs)
+    digests = [run[3].result() for run in runs if run[3] is not None]
+    assert digests == [cluster_digests(bytes(CLUSTER), CLUSTER)] * len(digests)
 
 
 def test_a_chunk_sized_run_is_handed_over_at_once() -> None:
