@@ -438,6 +438,9 @@ class Ingest:
             cluster_size=cluster_size,
             backing_file=backing,
             backing_format="qcow2" if backing else None,
+            # The file lives in tmp/ until close() has fsynced it whole; recovery removes it
+            # from there after a crash, so no flush is needed between data and header.
+            header_barrier=False,
         )
         lookup = ChecksumLookup(self.store.index, name) if view is not None else None
         return DiskIngest(
@@ -488,9 +491,9 @@ class Ingest:
             os.rename(source, target)
             renamed.append(target)
             disks.append(disk._commit_record(relative))
+        # tmp/<id> itself is not fsynced: it is removed next, and recovery removes it anyway.
         for folder in {p.parent for p in renamed}:
             _fsync_dir(folder)
-        _fsync_dir(self.tmp_dir)
         modes = [d.mode for d in self.disks.values()]
         return CommitRecord(
             point_id=self.point_id,

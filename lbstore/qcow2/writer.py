@@ -241,6 +241,11 @@ class Qcow2Writer:
     ``direct`` (default on): long plain data runs in page-aligned memory are written with
     O_DIRECT, in DIRECT_STREAMS pieces at once; everything else goes through the page cache.
     The final fsync covers both, so durability and the close() ordering are unchanged.
+
+    ``header_barrier`` (default on): close() fsyncs everything before it writes the header,
+    so a crash never leaves a file that looks valid with its data missing. A caller that
+    writes into a scratch name and renames the file only after close() (the store's ingest)
+    does not need that and saves a flush.
     """
 
     def __init__(
@@ -253,8 +258,10 @@ class Qcow2Writer:
         backing_format: str | None = None,
         compression: Compression | None = None,
         direct: bool = True,
+        header_barrier: bool = True,
     ) -> None:
         self.path = Path(path)
+        self._header_barrier = header_barrier
         cluster_bits = self._check_options(virtual_size, cluster_size, compression)
         self._geometry = Geometry(cluster_bits, virtual_size)
         self._compression = compression
@@ -537,7 +544,8 @@ class Qcow2Writer:
             self._writeback.flush(fd)
             l1_offset = self._write_l2_and_l1(fd)
             reftable_offset, reftable_clusters = self._write_refcounts(fd)
-            os.fsync(fd)
+            if self._header_barrier:
+                os.fsync(fd)
             header = self._header(l1_offset, reftable_offset, reftable_clusters)
             _pwrite_all(fd, [header], 0)
             os.fsync(fd)

@@ -470,3 +470,34 @@ def test_round_trip_through_lbstore_reader(tmp_path: Path, compression: str | No
         kinds = {run.kind for run in opened.runs()}
     assert RunKind.ZERO in kinds and RunKind.BACKING in kinds
     assert (RunKind.COMPRESSED in kinds) == (compression is not None)
+
+
+@pytest.mark.parametrize("barrier", [True, False])
+def test_header_barrier_orders_the_flushes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, barrier: bool
+) -> None:
+    events: list[str] = []
+    real_fsync, real_pwritev = os.fsync, os.pwritev
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+        if offset == 0:
+            events.append("header")
+        return real_pwritev(fd, buffers, offset)
+
+    data = random.Random(5).randbytes(MIB)
+    image = tmp_path / "barrier.qcow2"
+    with Qcow2Writer(image, len(data), header_barrier=barrier) as writer:
+        writer.write(0, data)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.undo()
+    # With the barrier the data is durable before the header is written; without it (a file
+    # renamed into place only after close) one flush covers everything.
+    assert events == (["fsync", "header", "fsync"] if barrier else ["header", "fsync"])
+    raw = tmp_path / "expected.raw"
+    raw.write_bytes(data)
+    qemu_img_compare(raw, image)
