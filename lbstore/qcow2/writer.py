@@ -403,8 +403,9 @@ class Qcow2Writer:
         chunks: list[bytes | memoryview] = [view]
         if len(view) < nbytes:
             chunks.append(bytes(nbytes - len(view)))
-        # One pwritev for the whole run: writes to one file are serialized by the kernel
-        # (inode lock), so splitting a run over threads would not make it faster.
+        # Buffered: one pwritev for the whole run (buffered writes to one file are serialized
+        # by the kernel's inode lock, so threads would not help). O_DIRECT writes wait for the
+        # device instead, so _write_direct keeps several of them in flight.
         fd = self._require_fd()
         if len(chunks) > 1 or not self._write_direct(view, host):
             _pwrite_all(fd, chunks, host)
@@ -435,11 +436,12 @@ class Qcow2Writer:
                 future.result()
             except OSError as exc:
                 errors.append(exc)
-        if all(exc.errno == errno.EINVAL for exc in errors):
-            # The memory is not aligned (nothing was written), or a piece was refused:
-            # writing the run buffered over whatever went through is harmless.
-            return not errors
-        raise errors[0]
+        for error in errors:
+            if error.errno != errno.EINVAL:
+                raise error
+        # EINVAL: the memory is not aligned (nothing was written) or a piece was refused;
+        # writing the run buffered over whatever went through is harmless.
+        return not errors
 
     def _pwrite_direct(self, fd: int, host: int, piece: memoryview) -> None:
         done = os.pwritev(fd, [piece], host)
