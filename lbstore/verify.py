@@ -203,6 +203,8 @@ def verify_store(
     report.points_checked = [point.id] if point is not None else [p.id for p in points]
     files = list(_file_jobs(store, points, point))
     count = workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    if workers is None and sum(job.record.stored_bytes for job in files) <= PIECE_BYTES:
+        count = 1  # starting processes would cost more than they save
     jobs = files if count <= 1 else [piece for job in files for piece in job.split()]
     # Largest pieces first, so the last ones to finish are small and no process idles long.
     jobs.sort(key=lambda job: job.record.stored_bytes // job.pieces, reverse=True)
