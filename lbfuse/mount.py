@@ -24,6 +24,8 @@ import ctypes
 import errno
 import functools
 import logging
+import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +41,10 @@ FS_SUBTYPE = "lbrestore"
 """Mounts show as `fuse.lbrestore` in /proc/self/mountinfo: how `umount` recognises ours."""
 
 MAX_READ = 1 << 20
+READAHEAD = 4 << 20
+"""Readahead asked for the mount's backing device (see `raise_readahead`)."""
+SMALL_FILE = 1 << 20
+"""Files up to this size are always cached: streaming them past the cache would gain nothing."""
 CACHE_TIMEOUT_S = 86400
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,17 +85,41 @@ class FuseAdapter(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, tree: ReadOnlyTree) -> None:
+    def __init__(
+        self,
+        tree: ReadOnlyTree,
+        mountpoint: Path | None = None,
+        *,
+        kernel_cache: bool | None = None,
+    ) -> None:
+        """`kernel_cache`: True caches every cacheable file, False streams large files past the
+        page cache (`direct_io`), None (auto) caches when the readahead could be raised."""
         self.tree = tree
+        self.mountpoint = mountpoint
+        self.kernel_cache = kernel_cache
+        self.readahead_raised = False
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         """Ask the kernel for large reads and readahead (libfuse 3.14 has no option for these).
 
-        max_read must equal the `max_read` mount option, or libfuse refuses the session.
+        max_read must equal the `max_read` mount option, or libfuse refuses the session. The
+        kernel takes the smaller of the offered `max_readahead` and its device's readahead
+        (128 KiB), so the device's readahead is raised first: this runs before libfuse replies
+        to the kernel's INIT, when the mount exists already.
         """
         if conn is not None:
             conn.max_read = MAX_READ
-            conn.max_readahead = MAX_READ
+            conn.max_readahead = READAHEAD
+        if self.mountpoint is not None and self.kernel_cache is not False:
+            self.readahead_raised = raise_readahead(self.mountpoint, READAHEAD)
+
+    def caches(self, path: str) -> bool:
+        """Whether the kernel keeps the pages of `path` (else the file is opened `direct_io`)."""
+        if not self.tree.cacheable(path):
+            return False
+        if self.kernel_cache or (self.kernel_cache is None and self.readahead_raised):
+            return True
+        return self.tree.getattr(path).size <= SMALL_FILE
 
     @_translated
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
@@ -128,7 +158,7 @@ class FuseAdapter(mfusepy.Operations):
         on it here.
         """
         fi.fh = self.tree.open(path, fi.flags)
-        cacheable = self.tree.cacheable(path)
+        cacheable = self.caches(path)
         fi.direct_io = 0 if cacheable else 1
         fi.keep_cache = 1 if cacheable else 0
         return 0
@@ -221,14 +251,59 @@ def fuse_options(fsname: str, *, debug: bool = False) -> dict[str, Any]:
     }
 
 
-def serve(tree: ReadOnlyTree, mountpoint: Path, *, fsname: str, debug: bool = False) -> None:
+def serve(
+    tree: ReadOnlyTree,
+    mountpoint: Path,
+    *,
+    fsname: str,
+    kernel_cache: bool | None = None,
+    debug: bool = False,
+) -> None:
     """Mount `tree` at `mountpoint` and serve it until unmounted (blocks; foreground).
 
     libfuse handles SIGINT/SIGTERM/SIGHUP by unmounting and returning. A mount that cannot be
     made raises MountFailedError.
     """
     try:
-        adapter = FuseAdapter(tree)
+        mountpoint = Path(os.path.realpath(mountpoint))  # as mountinfo shows it; not once mounted
+        adapter = FuseAdapter(tree, mountpoint, kernel_cache=kernel_cache)
         _DirectReadFUSE(adapter, str(mountpoint), raw_fi=True, **fuse_options(fsname, debug=debug))
     except RuntimeError as exc:
         raise MountFailedError(mountpoint, f"FUSE mount failed (libfuse status {exc})") from exc
+
+
+def raise_readahead(mountpoint: Path, size: int) -> bool:
+    """Set the readahead of the FUSE mount at `mountpoint` to `size` bytes; whether it worked.
+
+    Best effort: the mount's backing device (`/sys/class/bdi/MAJOR:MINOR`, found through
+    /proc/self/mountinfo: a stat() of the mountpoint would wait for the INIT this runs in, so
+    `mountpoint` must be a real path already) is writable by root only.
+    """
+    device = _mount_device(mountpoint)
+    if device is None:
+        return False
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{size // 1024}\n")
+    except OSError as exc:
+        log.debug("cannot raise the readahead of %s: %s", mountpoint, exc)
+        return False
+    return True
+
+
+def _mount_device(mountpoint: Path) -> str | None:
+    """ "MAJOR:MINOR" of the last mount at `mountpoint` in /proc/self/mountinfo."""
+    found = None
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and _unescape(fields[4]) == str(mountpoint):
+            found = fields[2]
+    return found
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash appear as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)

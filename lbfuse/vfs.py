@@ -91,9 +91,9 @@ class Attributes:
 class FileNode:
     """One file: `length` bytes of `source` starting at `start` (a disk, a partition or bytes).
 
-    `cacheable`: worth keeping in the kernel's page cache. Disk and partition files are not:
-    their bytes already sit in the page cache as the store's files, and streaming them past a
-    second cache makes large reads several times slower.
+    `cacheable`: the kernel may keep the file's pages (nothing ever changes). Disk and partition
+    files are unless the tree is built without `cache_disks`; the adapter (lbfuse.mount) may
+    still stream a large cacheable file past the cache when large readahead is not available.
     """
 
     name: str
@@ -297,11 +297,11 @@ def build_restore_point_tree(
     uid: int,
     gid: int,
     partitions: bool = True,
-    cache_disks: bool = False,
+    cache_disks: bool = True,
 ) -> ReadOnlyTree:
     """The folder of one restore point: each disk, each of its partitions, and vm.json.
 
-    `cache_disks` marks disk and partition files cacheable too (see FileNode).
+    `cache_disks` marks disk and partition files cacheable (see FileNode); vm.json always is.
     """
     nodes: list[FileNode] = []
     inode = _counter(2)

@@ -201,19 +201,21 @@ def serve_point(
     mountpoint: Path,
     *,
     remove_after: bool,
-    cache_disks: bool = False,
+    cache_disks: bool | None = None,
 ) -> None:
     """Mount `point` at `mountpoint` and serve it until unmounted (or SIGINT/SIGTERM/SIGHUP).
 
     With `remove_after`, the mountpoint folder is removed when serving ends, also on failure.
-    With `cache_disks`, the kernel caches disk and partition files too (lbfuse.mount).
+    `cache_disks`: whether the kernel caches disk and partition files; None (the default)
+    caches them when the mount's readahead can be raised (as root), see lbfuse.mount.
     """
     try:
         mountpoint = check_mountpoint(mountpoint)
         _allow_open_files()
         with ExitStack() as stack:
-            tree = open_point_tree(store, point, stack, cache_disks=cache_disks)
-            serve(tree, mountpoint, fsname=fsname(point, os.getpid(), auto=remove_after))
+            tree = open_point_tree(store, point, stack, cache_disks=cache_disks is not False)
+            name = fsname(point, os.getpid(), auto=remove_after)
+            serve(tree, mountpoint, fsname=name, kernel_cache=cache_disks)
     finally:
         if remove_after:
             remove_mountpoint(mountpoint)
@@ -237,7 +239,7 @@ def start_background_mount(
     mountpoint: Path,
     *,
     remove_after: bool,
-    cache_disks: bool = False,
+    cache_disks: bool | None = None,
 ) -> int:
     """Start a serving process and return its pid once the mount is ready.
 
@@ -250,8 +252,8 @@ def start_background_mount(
     ]  # fmt: skip
     if remove_after:
         command.append("--remove-mountpoint")
-    if cache_disks:
-        command.append("--kernel-cache")
+    if cache_disks is not None:
+        command.append("--kernel-cache" if cache_disks else "--no-kernel-cache")
     with tempfile.TemporaryFile() as output:
         process = _spawn_detached(command, output)
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from lbfuse.mount import READAHEAD
 from lbrestore.mount import FSTYPE, mounts
 from lbstore.importer import import_images
 from lbstore.store import Store
@@ -572,10 +573,35 @@ def test_umount_cleans_up_after_a_killed_server(chain: Fixture, sandbox: Path) -
     assert not mountpoint.exists()
 
 
-def test_disk_files_stream_unless_kernel_cache_is_asked(chain: Fixture, sandbox: Path) -> None:
-    """Default: disk files bypass the page cache (so no mmap); --kernel-cache caches them."""
+def _readahead_kib(mountpoint: Path) -> int:
+    """The readahead of the mount's backing device."""
+    dev = mountpoint.stat().st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    return int(bdi.read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a mount's readahead needs root")
+def test_disk_files_are_cached_and_mmapable_by_default(chain: Fixture, sandbox: Path) -> None:
+    """Default (as root): large readahead, disk and partition files in the page cache, mmap."""
     point = chain.points[1]
-    streamed = _mount(chain, sandbox, point, "streamed")
+    mountpoint = _mount(chain, sandbox, point)
+    assert _readahead_kib(mountpoint) == READAHEAD // 1024
+    with (
+        (mountpoint / "vda.raw").open("rb") as f,
+        mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m,
+    ):
+        assert m[:] == point.images["vda"].read_bytes()
+    start, length = chain.partitions["vda"][1]
+    part = mountpoint / "vda-part1.raw"
+    with part.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert m[:] == point.images["vda"].read_bytes()[start : start + length]
+    _cmp(mountpoint / "vdb.raw", point.images["vdb"])
+
+
+def test_kernel_cache_can_be_forced_either_way(chain: Fixture, sandbox: Path) -> None:
+    """--no-kernel-cache: disk files bypass the page cache (no mmap); --kernel-cache: cached."""
+    point = chain.points[1]
+    streamed = _mount(chain, sandbox, point, "streamed", "--no-kernel-cache")
     cached = _mount(chain, sandbox, point, "cached", "--kernel-cache")
     with (streamed / "vda.raw").open("rb") as f:
         with pytest.raises(OSError) as info:
@@ -583,6 +609,7 @@ def test_disk_files_stream_unless_kernel_cache_is_asked(chain: Fixture, sandbox:
         assert info.value.errno == errno.ENODEV
     with (streamed / "vm.json").open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         assert m[:1] == b"{"
+    _cmp(streamed / "vda.raw", point.images["vda"])
     with (cached / "vdb.raw").open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         assert m[:] == point.images["vdb"].read_bytes()
     _cmp(cached / "vda.raw", point.images["vda"])

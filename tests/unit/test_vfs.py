@@ -20,7 +20,7 @@ from lbfuse.errors import (
     ReadOnlyError,
     SourceReadError,
 )
-from lbfuse.mount import FuseAdapter, fuse_options
+from lbfuse.mount import FuseAdapter, _unescape, fuse_options, raise_readahead
 from lbfuse.vfs import (
     FILE_MODE,
     FOLDER_MODE,
@@ -271,12 +271,54 @@ def test_adapter_read_uses_the_handle(gpt_disk: bytes) -> None:
         adapter.read(None, 512, 0, fi.fh)
 
 
-def test_adapter_open_streams_disks_and_caches_metadata(gpt_disk: bytes) -> None:
-    adapter = FuseAdapter(_tree(gpt_disk)[0])
-    for name, direct in (("/vda.raw", 1), ("/vda-part1.raw", 1), ("/vm.json", 0)):
+def _open_flags(adapter: FuseAdapter) -> dict[str, tuple[int, int]]:
+    """(direct_io, keep_cache) of every file as the adapter opens it."""
+    flags = {}
+    for name in ("/vda.raw", "/vda-part1.raw", "/vm.json"):
         fi = mfusepy.fuse_file_info(flags=os.O_RDONLY)
         adapter.open(name, fi)
-        assert (fi.direct_io, fi.keep_cache) == (direct, 1 - direct), name
+        flags[name] = (fi.direct_io, fi.keep_cache)
+        adapter.release(None, fi)
+    return flags
+
+
+CACHED, STREAMED = (0, 1), (1, 0)
+
+
+def test_adapter_caches_disks_when_the_readahead_was_raised(gpt_disk: bytes) -> None:
+    adapter = FuseAdapter(_tree(gpt_disk)[0])
+    adapter.readahead_raised = True
+    assert set(_open_flags(adapter).values()) == {CACHED}
+
+
+def test_adapter_streams_disks_without_large_readahead(gpt_disk: bytes) -> None:
+    adapter = FuseAdapter(_tree(gpt_disk)[0])  # auto, and no mount whose readahead was raised
+    assert _open_flags(adapter) == {
+        "/vda.raw": STREAMED,
+        "/vda-part1.raw": STREAMED,
+        "/vm.json": CACHED,
+    }
+
+
+@pytest.mark.parametrize("raised", [False, True])
+def test_adapter_kernel_cache_forced_either_way(gpt_disk: bytes, raised: bool) -> None:
+    on = FuseAdapter(_tree(gpt_disk)[0], kernel_cache=True)
+    off = FuseAdapter(_tree(gpt_disk, cache_disks=False)[0], kernel_cache=False)
+    on.readahead_raised = off.readahead_raised = raised
+    assert set(_open_flags(on).values()) == {CACHED}
+    assert _open_flags(off) == {
+        "/vda.raw": STREAMED,
+        "/vda-part1.raw": STREAMED,
+        "/vm.json": CACHED,
+    }
+
+
+def test_mountinfo_paths_are_unescaped() -> None:
+    assert _unescape(r"/tmp/a\040b\011c\134d") == "/tmp/a b\tc\\d"
+
+
+def test_readahead_of_a_path_that_is_no_mount_is_not_raised(tmp_path: Path) -> None:
+    assert raise_readahead(tmp_path, 4 * MIB) is False
 
 
 @pytest.mark.parametrize(
@@ -376,8 +418,8 @@ def test_read_into_failure_is_eio(gpt_disk: bytes) -> None:
         tree.read_into(handle, 0, memoryview(bytearray(512)))
 
 
-def test_only_metadata_is_cacheable_unless_asked(gpt_disk: bytes) -> None:
-    tree, _ = _tree(gpt_disk)
+def test_everything_is_cacheable_unless_disks_are_excluded(gpt_disk: bytes) -> None:
+    tree, _ = _tree(gpt_disk, cache_disks=False)
     assert [tree.cacheable("/" + n) for n in tree.names()] == [False, False, False, True]
-    cached, _ = _tree(gpt_disk, cache_disks=True)
+    cached, _ = _tree(gpt_disk)
     assert all(cached.cacheable("/" + n) for n in cached.names())
