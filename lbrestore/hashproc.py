@@ -85,7 +85,14 @@ class ReadHashWorker:
         self._answers, child_answers = context.Pipe(duplex=False)
         self._process = context.Process(
             target=_serve,
-            args=(child_requests, child_answers, slots.memory, slots.size, cluster_size),
+            args=(
+                child_requests,
+                child_answers,
+                (self._requests, self._answers),
+                slots.memory,
+                slots.size,
+                cluster_size,
+            ),
             name="lbrestore-read-hash",
             daemon=True,
         )
@@ -131,9 +138,16 @@ class ReadHashWorker:
 
 
 def _serve(
-    requests: Connection, answers: Connection, memory: mmap.mmap, slot_size: int, cluster: int
+    requests: Connection,
+    answers: Connection,
+    parent_ends: tuple[Connection, Connection],
+    memory: mmap.mmap,
+    slot_size: int,
+    cluster: int,
 ) -> None:
     """In the child: answer each (slot, reads, checks) with (slot, problem or None)."""
+    for end in parent_ends:  # inherited copies: without them, a dead parent means EOF here
+        end.close()
     view = memoryview(memory)
     files: dict[str, int] = {}
     while True:
