@@ -358,11 +358,11 @@ _DONE = object()
 class _Flattener:
     """Reads a view's data, verifies each cluster's digest and feeds non-zero clusters to a sink.
 
-    This thread walks the view and writes; a forked process (hashproc) reads the stored data
-    into a ring of shared buffers and checks the digests, RING_BUFFERS batches ahead, so
-    reading, hashing and writing overlap on separate cores. A batch is written only once its
-    checks passed. Which clusters are zero comes from the recorded digest (the zero cluster's)
-    when it is checked, else from the bytes.
+    A thread walks the view (_Submitter); a forked process (hashproc) reads the stored data
+    into a ring of shared buffers and checks the digests, up to RING_BUFFERS batches ahead;
+    the calling thread writes. Reading, hashing and writing overlap on separate cores. A batch
+    is written only once its checks passed. Which clusters are zero comes from the recorded
+    digest (the zero cluster's) when it is checked, else from the bytes.
     """
 
     def __init__(

@@ -10,9 +10,10 @@ A damaged file damages every restore point whose chain includes it (for that dis
 report maps each damaged file to all of them, not only to the point that wrote it.
 
 Reads are large and sequential in host-offset order (clusters are sorted by where they live in
-the file, and neighbours are read with one preadv), so verification runs at close to the speed
-of reading the files. `sample_percent` checks a random share of the clusters for routine runs;
-the structural checks always cover the whole file.
+the file, and neighbours are mapped together and hashed in place), and a large file is split
+into guest ranges checked by several processes, so verification runs at close to the speed of
+reading the files once hashing is not the limit. `sample_percent` checks a random share of
+the clusters for routine runs; the structural checks always cover the whole file.
 """
 
 from __future__ import annotations
