@@ -7,14 +7,17 @@ a full point of random data, then 24 incremental points that each rewrite ~4% of
 256 KiB extents at random places (seeded), so the top view draws from every layer. Then times,
 warm host page cache, best of LBR_BENCH_REPEAT (default 5) runs of each, alternating:
 
-    ours:   `lbrestore mount vm@latest`, read MOUNT/vda.raw front to back in 1 MiB reads
-            (the kernel's cached pages are dropped before each run, untimed, so every byte
-            is served by the mount)
+    ours:   `lbrestore mount vm@latest` (default: kernel cache, raised readahead as root),
+            read MOUNT/vda.raw front to back in 1 MiB reads (the kernel's cached pages are
+            dropped before each run, untimed, so every byte is served by the mount)
+    direct: the same through a second mount with `--no-kernel-cache` (direct_io), for
+            comparison
     theirs: qemu-img convert -n TOP.qcow2 --target-image-opts driver=null-co
             (QEMU's /dev/null: `-O raw TOP /dev/null` is refused, "Cannot grow device files")
 
-and prints both throughputs, `ratio (ours/theirs)` (target >= 0.5) and the serving process's
-peak RSS. Not a test: it never fails on time. LBR_BENCH_DIR: where the store goes (else /tmp).
+and prints the throughputs, `ratio (ours/theirs)` (target >= 0.5), the direct mode's ratio and
+the serving process's peak RSS. Not a test: it never fails on time. LBR_BENCH_DIR: where the
+store goes (else /tmp).
 """
 
 from __future__ import annotations
@@ -131,25 +134,32 @@ def main() -> int:
         store = Path(tmp) / "store"
         top = build_chain(store, size)
         read_theirs(top, size)  # warm the host page cache for both sides
-        mountpoint = Path(tmp) / "mnt"
+        mountpoint, direct_mount = Path(tmp) / "mnt", Path(tmp) / "mnt-direct"
         mountpoint.mkdir()
+        direct_mount.mkdir()
         lbrestore(store, "mount", "bench@latest", str(mountpoint))
         try:
-            disk = mountpoint / "vda.raw"
-            assert read_mounted(disk) == size
+            lbrestore(store, "mount", "bench@latest", str(direct_mount), "--no-kernel-cache")
+            disk, direct_disk = mountpoint / "vda.raw", direct_mount / "vda.raw"
+            assert read_mounted(disk) == size and read_mounted(direct_disk) == size
             pid = serving_pid(mountpoint)
-            ours = theirs = float("inf")
-            for _ in range(repeat):  # alternate, so the machine's load hits both alike
+            ours = direct = theirs = float("inf")
+            for _ in range(repeat):  # alternate, so the machine's load hits all alike
                 drop = lambda: drop_cached_pages(disk)  # noqa: E731
                 ours = min(ours, timed(lambda: read_mounted(disk), drop))
+                direct = min(direct, timed(lambda: read_mounted(direct_disk)))
                 theirs = min(theirs, timed(lambda: read_theirs(top, size)))
             rss = peak_rss_kib(pid)
         finally:
-            lbrestore(store, "umount", str(mountpoint))
+            for mounted in (mountpoint, direct_mount):
+                if os.path.ismount(mounted):
+                    lbrestore(store, "umount", str(mounted))
     print(f"chain depth {DEPTH}, {mib} MiB disk, best of {repeat}")
     print(f"ours   (read through lbrestore mount):  {mib / ours:8.1f} MiB/s  ({ours:.3f} s)")
+    print(f"direct (same, --no-kernel-cache):        {mib / direct:8.1f} MiB/s  ({direct:.3f} s)")
     print(f"theirs (qemu-img convert to null-co):    {mib / theirs:8.1f} MiB/s  ({theirs:.3f} s)")
     print(f"ratio (ours/theirs): {theirs / ours:.2f}  (target >= 0.5)")
+    print(f"ratio (direct/theirs): {theirs / direct:.2f}")
     print(f"peak RSS of the serving process: {rss / 1024:.1f} MiB")
     return 0
 
