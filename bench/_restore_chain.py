@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MIB = 1 << 20
@@ -67,18 +68,28 @@ def _write_clusters(disk: object, chosen: list[int], rng: random.Random) -> None
 def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall time of a whole command and its peak RSS in KiB (after flushing dirty pages, so no
     run pays for another's writeback)."""
-    elapsed, _, rss = timed_durable(command, env)
-    return elapsed, rss
+    sample = run_timed(command, env)
+    return sample.elapsed, sample.rss_kib
 
 
-def timed_durable(
-    command: list[str], env: dict[str, str] | None = None
-) -> tuple[float, float, int]:
-    """(wall time of the command, wall time until its writes are on disk, peak RSS in KiB).
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One timed run of a command."""
 
-    The second time adds a `sync` after the command: a tool that leaves dirty pages behind
-    (qemu-img's default cache mode never flushes) pays for them there, like one that flushes.
-    """
+    elapsed: float
+    """Wall time of the command."""
+    durable: float
+    """Wall time until its writes are on disk: a `sync` follows the command, so a tool that
+    leaves dirty pages behind (qemu-img's default cache mode never flushes) pays for them."""
+    rss_kib: int
+    """Peak RSS of the command's largest process."""
+    cpu: float
+    """User + system CPU seconds of the command and the processes it waited for: steadier
+    than wall time on a shared, busy host (it does not grow while others hold the CPU)."""
+
+
+def run_timed(command: list[str], env: dict[str, str] | None = None) -> Sample:
+    """Run `command` after flushing dirty pages (no run pays for another's writeback)."""
     os.sync()
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -92,7 +103,7 @@ def timed_durable(
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {stderr}")
     os.sync()
     durable = time.perf_counter() - start
-    return elapsed, durable, usage.ru_maxrss
+    return Sample(elapsed, durable, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
 
 
 def drop_from_page_cache(paths: list[Path]) -> None:

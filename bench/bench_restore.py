@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _restore_chain import MIB, VM, build_chain, settings, timed_durable
+from _restore_chain import MIB, VM, build_chain, run_timed, settings
 
 
 def main() -> None:
@@ -53,6 +53,7 @@ def main() -> None:
         names = ["ours", "ours --no-verify", "qemu-img", "qemu-img -t writeback"]
         times: dict[str, list[float]] = {name: [] for name in names}
         durable: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
         rss = 0
         for round_index in range(rounds):
             order = list(times)
@@ -63,12 +64,12 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 if name.startswith("ours"):
                     extra = ["--no-verify"] if "no-verify" in name else []
-                    elapsed, synced, peak = timed_durable([*ours_cmd, str(out), *extra])
-                    rss = max(rss, peak)
+                    sample = run_timed([*ours_cmd, str(out), *extra])
+                    rss = max(rss, sample.rss_kib)
                 else:
                     out.mkdir()
                     cache = ["-t", "writeback"] if "writeback" in name else []
-                    elapsed, synced, _ = timed_durable(
+                    sample = run_timed(
                         [
                             "qemu-img",
                             "convert",
@@ -79,10 +80,11 @@ def main() -> None:
                             str(out / "vda.qcow2"),
                         ]
                     )
-                times[name].append(elapsed)
-                durable[name].append(synced)
+                times[name].append(sample.elapsed)
+                durable[name].append(sample.durable)
+                cpu[name].append(sample.cpu)
         _check_same(work)
-        _report(times, durable, size, rss)
+        _report(times, durable, cpu, size, rss)
 
 
 def _check_same(work: Path) -> None:
@@ -102,7 +104,11 @@ def _check_same(work: Path) -> None:
 
 
 def _report(
-    times: dict[str, list[float]], durable: dict[str, list[float]], size: int, rss_kib: int
+    times: dict[str, list[float]],
+    durable: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    size: int,
+    rss_kib: int,
 ) -> None:
     best = {name: min(values) for name, values in times.items()}
     synced = {name: min(values) for name, values in durable.items()}
@@ -110,7 +116,7 @@ def _report(
         rounds = " ".join(f"{t:.2f}" for t in times[name])
         print(
             f"{name}: best {seconds:.3f} s ({size / MIB / seconds:.0f} MiB/s of virtual disk), "
-            f"until durable {synced[name]:.3f} s; rounds: {rounds}"
+            f"until durable {synced[name]:.3f} s, CPU {min(cpu[name]):.2f} s; rounds: {rounds}"
         )
     print(
         f"ratio (ours/theirs): {best['qemu-img'] / best['ours']:.2f}  "

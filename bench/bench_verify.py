@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _restore_chain import MIB, VM, build_chain, drop_from_page_cache, settings, timed
+from _restore_chain import MIB, VM, build_chain, drop_from_page_cache, run_timed, settings, timed
 
 
 def main() -> None:
@@ -42,6 +42,7 @@ def main() -> None:
         for cache in ("warm", "cold"):
             best: dict[str, float] = {}
             rounds_of: dict[str, list[float]] = {"ours": [], "cat": []}
+            cpu: dict[str, float] = {}
             for round_index in range(rounds):
                 order = [("ours", ours), ("cat", theirs)]
                 if round_index % 2:
@@ -51,16 +52,18 @@ def main() -> None:
                         drop_from_page_cache(files)
                     else:
                         timed(theirs)  # warm the cache
-                    elapsed, peak = timed(command)
+                    sample = run_timed(command)
+                    elapsed = sample.elapsed
+                    cpu[name] = min(cpu.get(name, sample.cpu), sample.cpu)
                     if name == "ours":
-                        rss = max(rss, peak)
+                        rss = max(rss, sample.rss_kib)
                     best[name] = min(best.get(name, elapsed), elapsed)
                     rounds_of[name].append(elapsed)
             for name, seconds in best.items():
                 listed = " ".join(f"{t:.2f}" for t in rounds_of[name])
                 print(
-                    f"{cache} {name}: best {seconds:.3f} s ({total / MIB / seconds:.0f} MiB/s); "
-                    f"rounds: {listed}"
+                    f"{cache} {name}: best {seconds:.3f} s ({total / MIB / seconds:.0f} MiB/s), "
+                    f"CPU {cpu[name]:.2f} s; rounds: {listed}"
                 )
             print(
                 f"ratio (ours/theirs) {cache}: {best['cat'] / best['ours']:.2f}  "
