@@ -42,7 +42,10 @@ from lbstore.model import RestorePoint
 from lbstore.store import Store
 
 QUEUE_CHUNKS = 4
-Digests = Future[list[bytes]]
+HASH_THREAD_MIN = 1 << 20
+"""Runs from this size on are hashed on the hasher thread; shorter ones (an incremental's
+scattered clusters) on the reader, where a hand-off would cost more than the hash."""
+Digests = Future[list[bytes]] | list[bytes]
 BATCH_RUNS = 256
 """Most runs the reader hands over at once (small runs of an incremental travel together, so
 the event loop wakes once per batch, not once per cluster)."""
@@ -375,8 +378,8 @@ class _Job:
 
 async def _result(digests: Digests | None) -> list[bytes] | None:
     """The checksums of a run, waiting (without blocking the loop) if they are not ready."""
-    if digests is None:
-        return None
+    if digests is None or isinstance(digests, list):
+        return digests
     if digests.done():
         return digests.result()
     known: list[bytes] = await asyncio.wrap_future(digests)
@@ -405,7 +408,7 @@ _DONE = object()
 @dataclass
 class _Batch:
     """Consecutive runs `(offset, length, data, digests)` from the reader, in offset order;
-    `digests` (None for a zero run) are the clusters' checksums, being computed."""
+    `digests` (None for a zero run) are the clusters' checksums, or their computation."""
 
     runs: list[tuple[int, int, Any, Digests | None]] = field(default_factory=list)
     nbytes: int = 0
@@ -428,9 +431,13 @@ class _Batcher:
 
     def add(self, offset: int, length: int, data: Any) -> None:
         batch = self.batch
-        digests = None
-        if data is not ZERO:
+        digests: Digests | None = None
+        if data is ZERO:
+            pass
+        elif length >= HASH_THREAD_MIN:
             digests = self.hasher.submit(cluster_digests, data.view, self.align)
+        else:
+            digests = cluster_digests(data.view, self.align)
         batch.runs.append((offset, length, data, digests))
         if data is not ZERO:
             batch.nbytes += length

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from lbqemu.nbd import ZERO, Borrowed, BufferPool
@@ -44,8 +44,16 @@ def test_small_runs_are_handed_over_together_in_order() -> None:
     assert all(len(item.runs) <= BATCH_RUNS for item in sink.items)
     # every data run comes with its cluster digests (computed on the hasher thread)
     assert all((run[3] is None) == (run[2] is ZERO) for run in runs)
-    digests = [run[3].result() for run in runs if run[3] is not None]
+    digests = [run[3] for run in runs if run[3] is not None]
     assert digests == [cluster_digests(bytes(CLUSTER), CLUSTER)] * len(digests)
+
+
+def test_long_runs_are_hashed_on_the_hasher_thread() -> None:
+    batcher, sink = _batcher(4 << 20)
+    batcher.add(0, 4 << 20, _data(4 << 20))
+    digests = sink.items[0].runs[0][3]
+    assert isinstance(digests, Future)
+    assert digests.result() == cluster_digests(bytes(4 << 20), CLUSTER)
 
 
 def test_a_chunk_sized_run_is_handed_over_at_once() -> None:
