@@ -6,16 +6,20 @@ itself), and every write-ish callback registered here answers EROFS too (so no c
 through to libfuse's ENOSYS). Permissions are the kernel's job (`default_permissions`); no
 `allow_other`: only the mounting user sees the files.
 
-Caching: nothing ever changes, so names and attributes are cached for a day and cacheable files
-(vm.json) keep their pages (`kernel_cache`). Disk and partition files are opened `direct_io`:
-their bytes are already in the page cache as the store's qcow2 files, and a second copy in the
-FUSE file's cache costs more than it saves: measured on a depth-25 chain, buffered reads through
-the mount ran at a fifth of the speed of direct ones (the kernel fills the cache 128 KiB at a
-time, and every page is allocated and copied twice). Direct reads arrive as the application asks,
-up to `max_read` (1 MiB) per request, and are served straight into libfuse's buffer. The price:
-these files cannot be mmap()ed (libfuse 3.14 cannot allow it); read(), `cmp`, `dd`, `qemu-img`
-and loop devices work. A tree built with `cache_disks` (`lbrestore mount --kernel-cache`) marks
-them cacheable and gets the page cache (and mmap) back.
+Caching: nothing ever changes, so names and attributes are cached for a day and files keep
+their pages (`kernel_cache`, `keep_cache`; mmap works). What makes that fast is the readahead:
+the kernel fills a FUSE file's cache in steps of its device's readahead, which it caps at
+128 KiB, whatever the daemon offers. At 128 KiB a depth-25 chain streamed at about a fifth of
+the speed of `direct_io` reads (1 MiB requests straight into the reader's buffer). So the
+serving process raises its mount's readahead to READAHEAD (4 MiB: the kernel then asks for
+1 MiB per request, several in flight) through /sys/class/bdi, which only root may write.
+Measured with bench/bench_mount_read.py on 2 shared cores: cached reads then match direct ones
+when the machine is quiet (~2300 MiB/s both), but cost ~60% more CPU per byte (the page cache's
+allocation and one more copy, in the reader), so under load they fall behind (~1000 MiB/s
+against ~2000). 2 or 8 MiB of readahead, 2 or 8 threads and more views per disk did not do
+better. Where the readahead cannot be raised (not root), large files are opened `direct_io`
+(no mmap) unless `kernel_cache=True` (`lbrestore mount --kernel-cache`) insists; `False`
+(`--no-kernel-cache`) streams them always.
 """
 
 from __future__ import annotations
@@ -218,13 +222,13 @@ class _DirectReadFUSE(mfusepy.FUSE):
     """mfusepy's FUSE with one change: reads fill libfuse's buffer in place.
 
     mfusepy's own read wants a bytes object and copies it into the buffer; here the buffer is
-    zeroed and handed to the tree as a memoryview, saving an allocation and two copies of
-    every byte served.
+    handed to the tree as a memoryview, saving an allocation and two copies of every byte
+    served. The tree fills every byte it reports (zeros included), so the buffer is not
+    cleared first.
     """
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         address = ctypes.addressof(buf.contents)
-        ctypes.memset(address, 0, size)
         dest = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
         try:
             return int(self.operations.read_into(fip.contents.fh, offset, dest))

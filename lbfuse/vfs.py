@@ -60,7 +60,8 @@ class ReadIntoSource(DiskSource, Protocol):
     """A DiskSource that can also fill a caller's buffer (no intermediate bytes object)."""
 
     def readinto(self, offset: int, dest: memoryview) -> int:
-        """Fill the zero-filled `dest` from `offset`; return the bytes filled."""
+        """Fill every byte of `dest` from `offset` (zeros included: `dest` holds garbage);
+        return the bytes filled."""
         ...
 
 
@@ -209,7 +210,7 @@ class ReadOnlyTree:
         return self._read_node(node, offset, length)
 
     def read_into(self, handle: int, offset: int, dest: memoryview) -> int:
-        """Fill `dest` (zero-filled by the caller) from `offset` of an open file; bytes filled.
+        """Fill `dest` (garbage on entry) from `offset` of an open file; bytes filled.
 
         The fast path for the FUSE adapter: the kernel's reply buffer is filled in place.
         """

@@ -91,7 +91,7 @@ class ViewSource:
             self._idle.put(view)
 
     def readinto(self, offset: int, dest: memoryview) -> int:
-        """Fill the zero-filled `dest` straight from the chain's files."""
+        """Fill all of `dest` straight from the chain's files (the view writes zeros too)."""
         view = self._idle.get()
         try:
             return view.readinto(offset, dest)
