@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -102,12 +103,37 @@ def read_theirs(top: Path, size: int) -> None:
     )
 
 
-def timed(func: Callable[[], object], before: Callable[[], object] = lambda: None) -> float:
-    """Seconds `func` takes (after an untimed `before`)."""
+def timed(
+    func: Callable[[], object], before: Callable[[], object] = lambda: None, server: int = 0
+) -> tuple[float, float]:
+    """Wall and CPU seconds `func` takes (after an untimed `before`).
+
+    CPU: this process, its finished children (qemu-img) and the serving process `server`:
+    steadier than wall time on a shared host.
+    """
     before()
+    cpu_before = _cpu_seconds(server)
     start = time.perf_counter()
     func()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return wall, _cpu_seconds(server) - cpu_before
+
+
+def _cpu_seconds(server: int) -> float:
+    """User + system seconds of this process, its waited-for children and `server` (if any)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    if server:
+        fields = Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The fastest wall time and the smallest CPU time of several runs."""
+    return min(wall for wall, _ in runs), min(cpu for _, cpu in runs)
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -142,24 +168,31 @@ def main() -> int:
             lbrestore(store, "mount", "bench@latest", str(direct_mount), "--no-kernel-cache")
             disk, direct_disk = mountpoint / "vda.raw", direct_mount / "vda.raw"
             assert read_mounted(disk) == size and read_mounted(direct_disk) == size
-            pid = serving_pid(mountpoint)
-            ours = direct = theirs = float("inf")
+            pid, direct_pid = serving_pid(mountpoint), serving_pid(direct_mount)
+            runs: dict[str, list[tuple[float, float]]] = {"ours": [], "direct": [], "theirs": []}
             for _ in range(repeat):  # alternate, so the machine's load hits all alike
                 drop = lambda: drop_cached_pages(disk)  # noqa: E731
-                ours = min(ours, timed(lambda: read_mounted(disk), drop))
-                direct = min(direct, timed(lambda: read_mounted(direct_disk)))
-                theirs = min(theirs, timed(lambda: read_theirs(top, size)))
+                runs["ours"].append(timed(lambda: read_mounted(disk), drop, pid))
+                runs["direct"].append(timed(lambda: read_mounted(direct_disk), server=direct_pid))
+                runs["theirs"].append(timed(lambda: read_theirs(top, size)))
             rss = peak_rss_kib(pid)
         finally:
             for mounted in (mountpoint, direct_mount):
                 if os.path.ismount(mounted):
                     lbrestore(store, "umount", str(mounted))
+    (ours, ours_cpu), (direct, direct_cpu), (theirs, theirs_cpu) = map(best, runs.values())
     print(f"chain depth {DEPTH}, {mib} MiB disk, best of {repeat}")
-    print(f"ours   (read through lbrestore mount):  {mib / ours:8.1f} MiB/s  ({ours:.3f} s)")
-    print(f"direct (same, --no-kernel-cache):        {mib / direct:8.1f} MiB/s  ({direct:.3f} s)")
-    print(f"theirs (qemu-img convert to null-co):    {mib / theirs:8.1f} MiB/s  ({theirs:.3f} s)")
+    for label, wall, cpu in (
+        ("ours   (read through lbrestore mount)", ours, ours_cpu),
+        ("direct (same, --no-kernel-cache)     ", direct, direct_cpu),
+        ("theirs (qemu-img convert to null-co) ", theirs, theirs_cpu),
+    ):
+        print(f"{label}: {mib / wall:8.1f} MiB/s  ({wall:.3f} s, {cpu:.3f} CPU s)")
     print(f"ratio (ours/theirs): {theirs / ours:.2f}  (target >= 0.5)")
     print(f"ratio (direct/theirs): {theirs / direct:.2f}")
+    ours_cpu, direct_cpu = max(ours_cpu, 0.01), max(direct_cpu, 0.01)  # clock ticks: 10 ms
+    cpu_ratios = f"{theirs_cpu / ours_cpu:.2f}  (direct: {theirs_cpu / direct_cpu:.2f})"
+    print(f"CPU ratio (theirs/ours): {cpu_ratios}")
     print(f"peak RSS of the serving process: {rss / 1024:.1f} MiB")
     return 0
 
