@@ -190,12 +190,14 @@ class Store:
                 point_id=row["id"],
                 details={"removed_files": removed},
             )
-        for leftover in self.tmp_dir.iterdir():
+        leftovers = list(self.tmp_dir.iterdir())
+        for leftover in leftovers:
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
-        fsync_dir(self.tmp_dir)
+        if leftovers:  # an fsync of an unchanged folder still costs a journal commit
+            fsync_dir(self.tmp_dir)
         problems = self._file_problems()
         self.problems = [message for _, message in problems]
         self._log_new_problems(problems)
