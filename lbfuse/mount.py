@@ -6,20 +6,23 @@ itself), and every write-ish callback registered here answers EROFS too (so no c
 through to libfuse's ENOSYS). Permissions are the kernel's job (`default_permissions`); no
 `allow_other`: only the mounting user sees the files.
 
-Caching: nothing ever changes, so names and attributes are cached for a day and files keep
-their pages (`kernel_cache`, `keep_cache`; mmap works). What makes that fast is the readahead:
-the kernel fills a FUSE file's cache in steps of its device's readahead, which it caps at
-128 KiB, whatever the daemon offers. At 128 KiB a depth-25 chain streamed at about a fifth of
-the speed of `direct_io` reads (1 MiB requests straight into the reader's buffer). So the
-serving process raises its mount's readahead to READAHEAD (4 MiB: the kernel then asks for
-1 MiB per request, several in flight) through /sys/class/bdi, which only root may write.
-Measured with bench/bench_mount_read.py on 2 shared cores: cached reads then match direct ones
-when the machine is quiet (~2300 MiB/s both), but cost ~60% more CPU per byte (the page cache's
-allocation and one more copy, in the reader), so under load they fall behind (~1000 MiB/s
-against ~2000). 2 or 8 MiB of readahead, 2 or 8 threads and more views per disk did not do
-better. Where the readahead cannot be raised (not root), large files are opened `direct_io`
-(no mmap) unless `kernel_cache=True` (`lbrestore mount --kernel-cache`) insists; `False`
-(`--no-kernel-cache`) streams them always.
+Caching: nothing ever changes, so names and attributes are cached for a day and vm.json keeps
+its pages (`kernel_cache`, `keep_cache`). Disk and partition files are cached only when asked
+(`kernel_cache=True`, `lbrestore mount --kernel-cache`), else opened `direct_io`: their bytes
+already sit in the page cache as the store's files, and a second copy costs more than it saves
+on large reads. Direct reads arrive as the application asks, up to `max_read` (1 MiB) per
+request, and are served straight into the reader's buffer; such files cannot be mmap()ed
+(libfuse 3.14 cannot allow it).
+
+A cached FUSE file is filled in steps of its device's readahead, which the kernel caps at
+128 KiB whatever the daemon offers; at that size a depth-25 chain streamed at a fifth of the
+direct speed. So a caching mount raises its readahead to READAHEAD (4 MiB; the kernel then asks
+1 MiB per request, several in flight) through /sys/class/bdi, which only root may write. Even
+so, cached reads cost ~60% more CPU per byte (page-cache allocation and one more copy) and ran
+at 0.6-1.0x the direct speed on 2 shared cores (numbers: lbrestore.mount.KERNEL_CACHE_DEFAULT);
+2 or 8 MiB of readahead, 2 or 8 threads, more views per disk and splice replies
+(read_buf) did not do better. `kernel_cache=None` caches large files only when the readahead
+could be raised.
 """
 
 from __future__ import annotations

@@ -22,9 +22,8 @@ from lbstore.store import Store
 @click.option(
     "--kernel-cache/--no-kernel-cache",
     default=None,
-    help="Whether the kernel caches disk and partition files (and allows mmap). Default: "
-    "cache when the mount's readahead can be raised (root), else stream past the cache, "
-    "which is faster with the kernel's small default readahead.",
+    help="Whether the kernel caches disk and partition files: cached files allow mmap and "
+    "fast repeated reads; streamed ones (the default) read large ranges faster.",
 )
 @click.option("--remove-mountpoint", is_flag=True, hidden=True)
 @with_store()
@@ -43,8 +42,9 @@ def mount_command(
     it. Without MOUNTPOINT a new folder is created under $XDG_RUNTIME_DIR (or /tmp); the
     mountpoint is printed either way. Unmount with `lbrestore umount MOUNTPOINT`.
 
-    Files never change, so the kernel caches them (mmap works) when it reads ahead in
-    large steps; see --kernel-cache/--no-kernel-cache.
+    Disk and partition files are streamed straight from the store's files by default (which
+    the kernel caches already) and cannot be mmap()ed; --kernel-cache caches them a second
+    time (and raises the mount's readahead when run as root).
 
     SPEC: latest, #ID, N{s,m,h,d,w}-ago or an ISO-8601 time.
     """
