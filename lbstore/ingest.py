@@ -438,6 +438,10 @@ class Ingest:
             cluster_size=cluster_size,
             backing_file=backing,
             backing_format="qcow2" if backing else None,
+            # Long runs from page-aligned buffers (import, backup) skip the page cache: a
+            # restore point's data is not read back soon, and copying it into the cache (and
+            # reclaiming cache for it) costs more CPU than its checksums.
+            direct=True,
             # The file lives in tmp/ until close() has fsynced it whole; recovery removes it
             # from there after a crash, so no flush is needed between data and header.
             header_barrier=False,

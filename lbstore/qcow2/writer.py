@@ -238,9 +238,10 @@ class Qcow2Writer:
     The file is created exclusively (an existing file is never overwritten), so ``abort()``
     only ever deletes what this writer created.
 
-    ``direct`` (default on): long plain data runs in page-aligned memory are written with
-    O_DIRECT, in DIRECT_STREAMS pieces at once; everything else goes through the page cache.
-    The final fsync covers both, so durability and the close() ordering are unchanged.
+    ``direct`` (default off; the store's ingest turns it on): long plain data runs in
+    page-aligned memory are written with O_DIRECT, in DIRECT_STREAMS pieces at once;
+    everything else goes through the page cache. The final fsync covers both, so durability
+    and the close() ordering are unchanged.
 
     ``header_barrier`` (default on): close() fsyncs everything before it writes the header,
     so a crash never leaves a file that looks valid with its data missing. A caller that
@@ -257,7 +258,7 @@ class Qcow2Writer:
         backing_file: str | None = None,
         backing_format: str | None = None,
         compression: Compression | None = None,
-        direct: bool = True,
+        direct: bool = False,
         header_barrier: bool = True,
     ) -> None:
         self.path = Path(path)

@@ -210,7 +210,7 @@ def test_page_aligned_data_bypasses_the_page_cache(
     buffer[:] = data
     fds = _record_write_fds(monkeypatch)
     image = tmp_path / "direct.qcow2"
-    with Qcow2Writer(image, len(data), cluster_size=4096) as writer:
+    with Qcow2Writer(image, len(data), cluster_size=4096, direct=True) as writer:
         direct_fd = writer._direct_fd
         assert direct_fd is not None
         writer.write(0, memoryview(buffer))
