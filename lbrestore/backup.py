@@ -12,8 +12,9 @@ One backup, in order:
 Any failure before the commit (NBD, QMP, store, Ctrl-C) aborts the point, tears the views down
 and merges every new bitmap back into its old one: nothing is committed, no write is forgotten.
 
-NBD reads run in a worker thread; every store call stays on the event loop's thread (the
-store's SQLite connection belongs to it); reading and storing overlap through a small queue.
+NBD reads run in a worker thread, the checksums of long runs on another; every store call
+stays on the event loop's thread (the store's SQLite connection belongs to it). Reading,
+hashing and storing overlap through a small queue of batches.
 """
 
 from __future__ import annotations
@@ -418,9 +419,9 @@ class _Batcher:
     """Reader side: gathers runs into batches of up to `limit` bytes (or BATCH_RUNS runs).
 
     A full backup's chunks (`limit` bytes each) go one per batch as before; an incremental's
-    scattered clusters go many per batch. Each data run's checksums are computed on the
-    `hasher` thread: BLAKE3 holds the GIL, but libnbd (on the reader) and the store's writes
-    (on the loop) do not, so hashing on its own thread overlaps both."""
+    scattered clusters go many per batch. Long runs are hashed on the `hasher` thread: BLAKE3
+    holds the GIL, but libnbd (on the reader) and the store's writes (on the loop) do not, so
+    hashing on its own thread overlaps both. Short runs are hashed right here."""
 
     def __init__(self, handoff: _Handoff, limit: int, align: int, hasher: Executor) -> None:
         self.handoff = handoff
