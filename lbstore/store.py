@@ -22,10 +22,10 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from lbstore.chain import disk_chain, parse_address, select_point
+from lbstore.closing import Closing
 from lbstore.errors import (
     AddressError,
     ReadOnlyStoreError,
@@ -77,7 +77,7 @@ def _point_from_rows(row: dict[str, Any], disk_rows: list[dict[str, Any]]) -> Re
     )
 
 
-class Store:
+class Store(Closing):
     """An opened store. Use `Store.open(path, write=...)` as a context manager."""
 
     def __init__(self, path: Path, index: Index, *, write: bool, lock: StoreLock | None) -> None:
@@ -155,17 +155,6 @@ class Store:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- recovery -------------------------------------------------------------------------------
 

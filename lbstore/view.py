@@ -17,10 +17,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from types import TracebackType
 
 import blake3
 
+from lbstore.closing import Closing
 from lbstore.errors import Qcow2Error, StoreIntegrityError
 from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, DIGEST_SIZE, Index
 from lbstore.qcow2.reader import Qcow2Image, RawImage, Run, RunKind
@@ -63,7 +63,7 @@ def zero_digest(cluster_size: int) -> bytes:
     return blake3.blake3(bytes(cluster_size)).digest()
 
 
-class ChainView:
+class ChainView(Closing):
     """A read-only view of one disk at one restore point, through its chain of files."""
 
     def __init__(self, layers: Sequence[tuple[int, Path]], images: list[Qcow2Image]) -> None:
@@ -106,17 +106,6 @@ class ChainView:
         if self._images:
             self._images[0].close()
             self._images = []
-
-    def __enter__(self) -> ChainView:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def depth(self) -> int:

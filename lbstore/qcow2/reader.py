@@ -29,9 +29,8 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from lbstore.closing import Closing
 from lbstore.errors import Qcow2Error, UnsupportedFeatureError
 from lbstore.qcow2 import format as fmt
 from lbstore.qcow2.compression import DecompressionError, decompress_cluster
@@ -165,24 +164,13 @@ class _File:
             self.fd = -1
 
 
-class _ImageBase:
+class _ImageBase(Closing):
     """What qcow2 and raw images share: the context manager and closing the whole chain."""
 
     path: Path
     virtual_size: int
     backing: Qcow2Image | RawImage | None
     _file: _File
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close this file and every backing file below it."""
