@@ -25,10 +25,10 @@ from lbstore.names import check_disk_name
 from lbstore.qcow2.reader import Qcow2Image, RawImage, RunKind, open_image
 from lbstore.store import Store
 
-CHUNK = 8 << 20
+CHUNK = 16 << 20
 """Bytes read from an image and handed to the ingest at a time (a multiple of every cluster)."""
 
-READ_AHEAD = 3
+READ_AHEAD = 2
 """Chunks read (and hashed) ahead of the one being written."""
 
 Progress = Callable[[int], None]

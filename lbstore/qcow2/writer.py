@@ -80,7 +80,7 @@ PAGE_SIZE = mmap.PAGESIZE
 DIRECT_MIN = 256 * 1024
 # O_DIRECT writes wait for the device; a long run is cut into this many page-aligned pieces
 # written at once (one on the caller's thread), so the device has several requests to work on.
-DIRECT_STREAMS = 2
+DIRECT_STREAMS = 4
 
 # Names QEMU writes into the feature name table, so `qemu-img info` can name every bit.
 _FEATURE_NAMES = [

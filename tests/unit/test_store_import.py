@@ -53,7 +53,9 @@ def test_sparse_raw_chunks_are_not_read(
         importer, "_read_chunk", lambda img, off, *a: reads.append(off) or original(img, off, *a)
     )
     point = import_images(store, "vm1", {"vda": image})
-    assert reads == [0, 40 * MIB]  # the chunks holding data; the holes are zeros unread
+    chunk = importer.CHUNK
+    # the chunks holding data (1M + 64k, 40M + 8M); the holes are zeros unread
+    assert reads == sorted({MIB // chunk * chunk, 40 * MIB // chunk * chunk})
     assert point.disks[0].stored_bytes == 64 * 1024 + 8 * MIB
     assert view_bytes(store, "vm1") == image.read_bytes()
 
