@@ -18,6 +18,21 @@ from lbstore.store import Store
 SHORT_TIMEOUT = "5"  # TCG boots this disk in well under a second; see the control in each test
 
 
+def boot_on_tcg(store: Path, address: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`lbrestore verify ADDRESS --boot` on TCG with the short timeout (plus `extra` options)."""
+    return lbrestore(
+        store,
+        "verify",
+        address,
+        "--boot",
+        "--boot-accel",
+        "tcg",
+        "--boot-timeout",
+        SHORT_TIMEOUT,
+        *extra,
+    )
+
+
 @pytest.fixture(scope="module")
 def boot_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vmb@#1 boots; #2 has a broken 0x55AA signature; #3 has its code overwritten (hangs)."""
@@ -42,31 +57,11 @@ def test_imported_boot_disk_boots_with_the_default_accelerator(boot_store: Path)
 
 
 def test_damaged_boot_sectors_fail_with_the_console_tail(boot_store: Path) -> None:
-    control = lbrestore(
-        boot_store,
-        "verify",
-        "vmb@#1",
-        "--boot",
-        "--boot-accel",
-        "tcg",
-        "--boot-timeout",
-        SHORT_TIMEOUT,
-        "--json",
-    )
+    control = boot_on_tcg(boot_store, "vmb@#1", "--json")
     assert control.returncode == 0, control.stdout + control.stderr
     assert BOOT_MARKER in json.loads(control.stdout)["boot"]["console_tail"]
     for point, reason in (("#2", "no bootable disk"), ("#3", "within the boot timeout")):
-        result = lbrestore(
-            boot_store,
-            "verify",
-            f"vmb@{point}",
-            "--boot",
-            "--boot-accel",
-            "tcg",
-            "--boot-timeout",
-            SHORT_TIMEOUT,
-            "--json",
-        )
+        result = boot_on_tcg(boot_store, f"vmb@{point}", "--json")
         assert result.returncode == 3, result.stderr
         report = json.loads(result.stdout)
         assert report["ok"] is True  # the store is intact: the guest is what is broken
@@ -78,18 +73,7 @@ def test_damaged_boot_sectors_fail_with_the_console_tail(boot_store: Path) -> No
 
 
 def test_custom_marker(boot_store: Path) -> None:
-    ok = lbrestore(
-        boot_store,
-        "verify",
-        "vmb@#1",
-        "--boot",
-        "--boot-accel",
-        "tcg",
-        "--boot-timeout",
-        SHORT_TIMEOUT,
-        "--boot-marker",
-        r"BOOT-OK\s+login",
-    )
+    ok = boot_on_tcg(boot_store, "vmb@#1", "--boot-marker", r"BOOT-OK\s+login")
     assert ok.returncode == 0, ok.stdout
     bad = lbrestore(boot_store, "verify", "vmb@#1", "--boot", "--boot-marker", "(")
     assert bad.returncode in (1, 2) and "regular expression" in bad.stderr
@@ -111,9 +95,7 @@ def test_boot_disk_damaged_in_the_store_is_damage_too(boot_store: Path, tmp_path
     with path.open("r+b") as f:
         f.seek(data["offset"] + 3)
         f.write(b"\xff\xfe")
-    result = lbrestore(
-        store, "verify", "vmb@#1", "--boot", "--boot-accel", "tcg", "--boot-timeout", SHORT_TIMEOUT
-    )
+    result = boot_on_tcg(store, "vmb@#1")
     assert result.returncode == 3
     assert "boot: OK" in result.stdout and "DAMAGED restore point vmb@#1" in result.stdout
 
@@ -148,17 +130,7 @@ def test_restored_disk_boots_from_the_generated_script(boot_store: Path, tmp_pat
 
 
 def test_vm_without_spec_checks_all_points_and_boots_the_latest(boot_store: Path) -> None:
-    result = lbrestore(
-        boot_store,
-        "verify",
-        "vmb",
-        "--boot",
-        "--boot-accel",
-        "tcg",
-        "--boot-timeout",
-        SHORT_TIMEOUT,
-        "--json",
-    )
+    result = boot_on_tcg(boot_store, "vmb", "--json")
     report = json.loads(result.stdout)
     assert report["files_checked"] == 3 and report["points_checked"] == [1, 2, 3]
     assert report["ok"] is True and report["boot"]["booted"] is False  # #3 hangs
