@@ -8,10 +8,13 @@ so a run is reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,20 @@ def build_chain(store_path: Path, size: int, depth: int, seed: int = 25) -> Path
                             disk.zero(cluster * CLUSTER, CLUSTER)
                 point = ingest.commit()
         return store.file_path(point, DISK)
+
+
+@contextlib.contextmanager
+def chain_in_temp_store(size: int, depth: int) -> Iterator[tuple[Path, Path, Path]]:
+    """A temporary work folder (under LBR_BENCH_DIR, if set) holding `store` with the chain.
+
+    Yields (work folder, store path, the chain's top file); everything is removed afterwards.
+    """
+    with tempfile.TemporaryDirectory(dir=os.environ.get("LBR_BENCH_DIR")) as work_dir:
+        work = Path(work_dir)
+        store = work / "store"
+        print(f"building a depth-{depth} chain of a {size // MIB} MiB disk ...", flush=True)
+        top = build_chain(store, size, depth)
+        yield work, store, top
 
 
 def _write_clusters(disk: object, chosen: list[int], rng: random.Random) -> None:

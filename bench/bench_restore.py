@@ -21,25 +21,19 @@ LBR_BENCH_DIR, else the system temp folder. Not a test: it never fails on time.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _restore_chain import MIB, VM, build_chain, run_timed, settings
+from _restore_chain import MIB, VM, chain_in_temp_store, run_timed, settings
 
 
 def main() -> None:
     size, depth, rounds = settings()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("LBR_BENCH_DIR")) as work_dir:
-        work = Path(work_dir)
-        store = work / "store"
-        print(f"building a depth-{depth} chain of a {size // MIB} MiB disk ...", flush=True)
-        top = build_chain(store, size, depth)
+    with chain_in_temp_store(size, depth) as (work, store, top):
         ours_cmd = [
             sys.executable,
             "-m",

@@ -16,23 +16,25 @@ LBR_BENCH_DIR, else the system temp folder. Not a test: it never fails on time.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _restore_chain import MIB, VM, build_chain, drop_from_page_cache, run_timed, settings, timed
+from _restore_chain import (
+    MIB,
+    VM,
+    chain_in_temp_store,
+    drop_from_page_cache,
+    run_timed,
+    settings,
+    timed,
+)
 
 
 def main() -> None:
     size, depth, rounds = settings()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("LBR_BENCH_DIR")) as work_dir:
-        work = Path(work_dir)
-        store = work / "store"
-        print(f"building a depth-{depth} chain of a {size // MIB} MiB disk ...", flush=True)
-        build_chain(store, size, depth)
+    with chain_in_temp_store(size, depth) as (_work, store, _top):
         files = sorted((store / "data").glob("*/*/*.qcow2"))
         total = sum(f.stat().st_size for f in files)
         print(f"{len(files)} files, {total // MIB} MiB")
