@@ -17,9 +17,10 @@ A backup:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from lbqemu.discovery import BitmapInfo, DiskInfo
 from lbqemu.errors import QemuError, QmpCommandError
@@ -122,6 +123,16 @@ def plan_disk(
     mode: Mode = "full" if force_full else "incremental"
     reason = "full backup requested" if force_full else None
     return DiskPlan(disk, mode, new, old_bitmap=keep.name, reason=reason, fold=fold)
+
+
+def with_mode(plan: DiskPlan, mode: str, reason: str | None) -> DiskPlan:
+    """`plan` with the mode the store chose instead (it could not build on its previous file).
+
+    Only a step towards reading more is allowed: an incremental reads just the dirty
+    clusters, so neither a full nor a resync can become one."""
+    if mode not in ("full", "resync") or (mode == "resync" and plan.mode == "full"):
+        raise ValueError(f"a {plan.mode} backup cannot become a {mode}")
+    return dataclasses.replace(plan, mode=cast(Mode, mode), reason=reason)
 
 
 def _node(plan: DiskPlan, **args: Any) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 One backup, in order:
 1. connect to QMP, remove what a killed receiver left in QEMU, discover disks and the VM
    definition, begin a restore point (its id names the new checkpoint bitmaps);
-2. plan each disk (incremental, or resync / full when the bitmap cannot be trusted) and tidy
-   this store's bitmaps;
+2. plan each disk once (incremental, or resync / full when the bitmap cannot be trusted or the
+   store cannot build on its previous file), open its new file, and tidy this store's bitmaps;
 3. one QMP transaction (inside a guest filesystem freeze when `--qga` is given): new bitmaps,
    frozen old ones, fleecing views; export the views over NBD;
 4. pull each disk (dirty clusters, or everything) into the store, commit;
@@ -38,7 +38,7 @@ from lbqemu.fleece import PointInTimeView, nbd_endpoint, remove_leftovers
 from lbqemu.nbd import DEFAULT_CHUNK, DEFAULT_DEPTH, ZERO, NbdSource, Run, pull
 from lbqemu.qmp import QmpSession
 from lbrestore.errors import AppError
-from lbstore.ingest import cluster_digests
+from lbstore.ingest import DiskIngest, Ingest, cluster_digests
 from lbstore.model import RestorePoint
 from lbstore.store import Store
 
@@ -143,25 +143,32 @@ def _newest_by_disk(points: list[RestorePoint]) -> dict[str, tuple[int, int]]:
 
 
 def plan_disks(
-    store: Store, vm: str, disks: list[DiskInfo], token: str, force_full: bool
-) -> list[DiskPlan]:
-    """Each disk's mode from QEMU's bitmaps and the store's newest points."""
+    store: Store, ingest: Ingest, disks: list[DiskInfo], force_full: bool
+) -> list[tuple[DiskPlan, DiskIngest]]:
+    """Each disk's mode, decided once, before anything changes in QEMU.
+
+    QEMU's bitmaps say what the pull can trust (incremental, or resync / full); the store then
+    opens the disk's file and says what it can build on (a resync whose previous chain cannot
+    be read becomes a full). The plan takes the store's answer, so the pull, the summary and
+    the event log all tell what really happened."""
     store_id = store.identity()["id"]
-    newest = _newest_by_disk(store.restore_points(vm))
-    plans = []
+    newest = _newest_by_disk(store.restore_points(ingest.vm))
+    planned = []
     for disk in disks:
         last_point, last_size = newest.get(disk.name, (None, None))
-        plans.append(
-            bitmaps.plan_disk(
-                disk,
-                store_id=store_id,
-                token=token,
-                last_size=last_size,
-                last_point=last_point,
-                force_full=force_full,
-            )
+        plan = bitmaps.plan_disk(
+            disk,
+            store_id=store_id,
+            token=str(ingest.point_id),
+            last_size=last_size,
+            last_point=last_point,
+            force_full=force_full,
         )
-    return plans
+        dingest = ingest.add_disk(disk.name, disk.virtual_size, mode=plan.mode)
+        if dingest.mode != plan.mode:
+            plan = bitmaps.with_mode(plan, dingest.mode, dingest.reason)
+        planned.append((plan, dingest))
+    return planned
 
 
 def _freeze(
@@ -237,11 +244,11 @@ async def run_backup(
         definition = asyncio.ensure_future(vm_definition(session, all_disks))
         try:
             with store.begin(options.vm) as ingest:
-                token = str(ingest.point_id)
-                plans = plan_disks(store, options.vm, chosen, token, options.full)
+                planned = plan_disks(store, ingest, chosen, options.full)
+                plans = [plan for plan, _ in planned]
                 await bitmaps.prepare(session, plans)
-                job = _Job(session, store, options, hooks, plans, summary)
-                point = await job.run(ingest, token, definition)
+                job = _Job(session, options, hooks, planned, summary)
+                point = await job.run(ingest, definition)
         except Exception as exc:
             _record_failure(store, options.vm, exc)
             raise
@@ -297,22 +304,20 @@ class _Job:
     def __init__(
         self,
         session: QmpSession,
-        store: Store,
         options: BackupOptions,
         hooks: BackupHooks,
-        plans: list[DiskPlan],
+        planned: list[tuple[DiskPlan, DiskIngest]],
         summary: BackupSummary,
     ) -> None:
         self.session = session
-        self.store = store
         self.options = options
         self.hooks = hooks
-        self.plans = plans
+        self.planned = planned
+        self.plans = [plan for plan, _ in planned]
         self.summary = summary
 
-    async def run(
-        self, ingest: Any, token: str, definition: asyncio.Future[dict[str, Any]]
-    ) -> RestorePoint:
+    async def run(self, ingest: Ingest, definition: asyncio.Future[dict[str, Any]]) -> RestorePoint:
+        token = str(ingest.point_id)
         view = PointInTimeView(
             self.session,
             [(p.disk, p.export_bitmap) for p in self.plans],
@@ -328,8 +333,8 @@ class _Job:
         committed = False
         try:
             async with view:
-                for plan in self.plans:
-                    await self._pull_disk(view, plan, ingest)
+                for plan, dingest in self.planned:
+                    await self._pull_disk(view, plan, dingest)
                 view.check_jobs()
                 ingest.definition = await definition
                 point: RestorePoint = ingest.commit()
@@ -345,9 +350,8 @@ class _Job:
             self.summary.problems.extend(outcome.problems)
         return point
 
-    async def _pull_disk(self, view: PointInTimeView, plan: DiskPlan, ingest: Any) -> None:
+    async def _pull_disk(self, view: PointInTimeView, plan: DiskPlan, dingest: DiskIngest) -> None:
         disk = plan.disk
-        dingest = ingest.add_disk(disk.name, disk.virtual_size, mode=plan.mode)
         result = DiskSummary(disk.name, plan.mode, plan.reason, disk.virtual_size)
         self.summary.disks.append(result)
 

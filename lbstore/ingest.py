@@ -160,6 +160,8 @@ class DiskIngest:
         self._digests = _Digests()
         self._zero_digest = zero_digest(self.cluster_size)
         self.received_bytes = 0
+        self.reason: str | None = None
+        """Why `mode` is not the mode the caller asked for (None when it is)."""
 
     @property
     def stored_bytes(self) -> int:
@@ -365,7 +367,8 @@ class Ingest:
         differs from the previous point's view are stored; resync: the same, recorded as a
         resync (the dirty bitmap could not be trusted); full: a standalone file.
         `cluster_size` defaults to the previous file's (65536 for a new disk); a different one
-        starts a new full file."""
+        starts a new full file. The disk's `mode` is what the store does and `reason` says why
+        when that is not what was asked; callers report those, not their own guess."""
         self._check_open()
         check_disk_name(name)
         if name in self.disks:
@@ -374,10 +377,17 @@ class Ingest:
             raise IngestError(self.vm, f"unknown mode {mode!r} (expected {', '.join(DISK_MODES)})")
         previous = self.store.index.latest_disk(self.vm, name)
         size = cluster_size or (previous["cluster_size"] if previous else 65536)
-        if previous is None or mode == "full" or previous["cluster_size"] != size:
+        asked, reason = mode, None
+        if previous is None:
+            reason = "disk new to the store"
+        elif previous["cluster_size"] != size:
+            reason = f"cluster size changed ({previous['cluster_size']} -> {size})"
+        if reason is not None or mode == "full":
             mode, previous = "full", None
         view = self._previous_view(name, mode, previous)
         if view is None:
+            if previous is not None:
+                reason = "the previous chain cannot be read"
             mode, previous = "full", None
         elif mode == "incremental":
             view.close()  # the chain is intact; an incremental does not compare checksums
@@ -390,6 +400,8 @@ class Ingest:
             if view is not None:
                 view.close()
             raise
+        if mode != asked:
+            disk.reason = reason
         self.disks[name] = disk
         return disk
 
