@@ -79,7 +79,7 @@ class NbdTlsError(QemuError):
 # --- QMP, discovery, fleecing, NBD pull (lbqemu/qmp.py, discovery.py, fleece.py, nbd.py) ----------
 
 
-class AddressError(QemuError):
+class EndpointAddressError(QemuError):
     """An address given on the command line (`--qmp`, `--nbd`) is malformed (exit code 2)."""
 
     exit_code = 2

@@ -31,8 +31,8 @@ from typing import Any
 
 from lbqemu.discovery import DiskInfo
 from lbqemu.errors import (
-    AddressError,
     BackupInProgressError,
+    EndpointAddressError,
     InsecureTransportError,
     QemuJobError,
     QmpCommandError,
@@ -83,7 +83,7 @@ def nbd_endpoint(
     target = parse_address(address)
     if isinstance(target, str):
         if tls_creds_dir:
-            raise AddressError(address, "--tls-creds needs a tcp:HOST:PORT NBD address")
+            raise EndpointAddressError(address, "--tls-creds needs a tcp:HOST:PORT NBD address")
         return NbdEndpoint(path=target)
     if not tls_creds_dir and not insecure_tcp:
         raise InsecureTransportError(address)

@@ -16,7 +16,7 @@ from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from lbqemu.errors import (
-    AddressError,
+    EndpointAddressError,
     QemuJobError,
     QmpCommandError,
     QmpConnectError,
@@ -32,19 +32,21 @@ SocketAddress = str | tuple[str, int]
 
 
 def parse_address(address: str) -> SocketAddress:
-    """`unix:PATH` -> PATH, `tcp:HOST:PORT` -> (HOST, PORT); anything else is an AddressError."""
+    """`unix:PATH` -> PATH, `tcp:HOST:PORT` -> (HOST, PORT); else an EndpointAddressError."""
     kind, sep, rest = address.partition(":")
     if not sep or not rest:
-        raise AddressError(address, "expected unix:PATH or tcp:HOST:PORT")
+        raise EndpointAddressError(address, "expected unix:PATH or tcp:HOST:PORT")
     if kind == "unix":
         return rest
     if kind == "tcp":
         host, sep, port = rest.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise AddressError(address, "expected tcp:HOST:PORT with a port in 1..65535")
+            raise EndpointAddressError(address, "expected tcp:HOST:PORT with a port in 1..65535")
         return (host, int(port))
-    raise AddressError(address, f"unknown address kind {kind!r}: use unix:PATH or tcp:HOST:PORT")
+    raise EndpointAddressError(
+        address, f"unknown address kind {kind!r}: use unix:PATH or tcp:HOST:PORT"
+    )
 
 
 class QmpSession:

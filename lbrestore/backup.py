@@ -38,7 +38,8 @@ from lbqemu.fleece import PointInTimeView, nbd_endpoint, remove_leftovers
 from lbqemu.nbd import DEFAULT_CHUNK, DEFAULT_DEPTH, ZERO, NbdSource, Run, pull
 from lbqemu.qmp import QmpSession
 from lbrestore.errors import AppError
-from lbstore.ingest import DiskIngest, Ingest, cluster_digests
+from lbstore.checksums import cluster_digests
+from lbstore.ingest import DiskIngest, Ingest
 from lbstore.model import RestorePoint
 from lbstore.store import Store
 

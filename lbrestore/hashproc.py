@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-import blake3
+from lbstore.checksums import cluster_digest
 
 Problem = tuple[str | int, ...]
 """What went wrong with a buffer: ("mismatch", check index), ("short", path, file offset) for
@@ -189,9 +189,6 @@ def _check_all(
     view: memoryview, base: int, checks: list[tuple[int, int, bytes]], cluster: int
 ) -> Problem | None:
     for index, (at, length, expected) in enumerate(checks):
-        content: memoryview | bytes = view[base + at : base + at + length]
-        if length < cluster:  # the disk's last, partial cluster: digested zero-padded
-            content = bytes(content) + bytes(cluster - length)
-        if blake3.blake3(content).digest() != expected:
+        if cluster_digest(view[base + at : base + at + length], cluster) != expected:
             return ("mismatch", index)
     return None

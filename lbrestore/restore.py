@@ -29,13 +29,13 @@ from typing import Protocol
 from lbrestore.errors import AppError
 from lbrestore.hashproc import FileRead, HashCheck, Problem, ReadHashWorker, Slots
 from lbrestore.vmdef import HostDefinition, RestoredDisk, write_host_definition
+from lbstore.checksums import zero_digest
 from lbstore.errors import Qcow2Error
-from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, DIGEST_SIZE
 from lbstore.model import RestorePoint
 from lbstore.names import check_vm_name
 from lbstore.qcow2.writer import Qcow2Writer
 from lbstore.store import Store
-from lbstore.view import ChainView, ViewKind, ViewRun, zero_digest
+from lbstore.view import ChainView, ViewKind, ViewRun
 
 _ZEROS = bytes(1 << 20)
 
@@ -246,55 +246,6 @@ def _split(run: ViewRun) -> Iterator[ViewRun]:
         pos = stop
 
 
-class _ChainDigests:
-    """The recorded digests of every file of a chain, one checksum chunk at a time.
-
-    Restore walks the disk in guest order, so all digests of the current chunk (65536 clusters)
-    of all files of the chain are loaded together into one dict, and dropped when the walk moves
-    on: memory is bounded by one chunk, and each index row is read once.
-
-    The walk runs in its own thread, and an SQLite connection serves only the thread that
-    opened it: the index is opened again, read-only, by the first lookup (`close` it).
-    """
-
-    def __init__(self, store: Store, disk: str, point_ids: Sequence[int]) -> None:
-        self.store_path, self.disk, self.point_ids = store.path, disk, point_ids
-        self.store: Store | None = None
-        self.chunk = -1
-        self.digests: dict[tuple[int, int], bytes] = {}
-
-    def close(self) -> None:
-        """Close the index opened for the lookups."""
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-
-    def get(self, point_id: int, cluster: int) -> bytes | None:
-        """The digest recorded for `cluster` in `point_id`'s own file, or None."""
-        chunk = cluster // CHECKSUM_CHUNK_CLUSTERS
-        if chunk != self.chunk:
-            self._load(chunk)
-        return self.digests.get((point_id, cluster))
-
-    def _load(self, chunk: int) -> None:
-        if self.store is None:
-            self.store = Store.open(self.store_path)
-        self.chunk = chunk
-        self.digests = {}
-        for point_id in self.point_ids:
-            row = self.store.index.checksum_chunk(point_id, self.disk, chunk)
-            if row is None:
-                continue
-            base = chunk * CHECKSUM_CHUNK_CLUSTERS
-            position = 0
-            for first, count in row.runs:
-                for cluster in range(base + first, base + first + count):
-                    self.digests[(point_id, cluster)] = row.digests[
-                        position : position + DIGEST_SIZE
-                    ]
-                    position += DIGEST_SIZE
-
-
 class _Submitter:
     """A thread that walks a view and submits its batches to the read-and-check worker,
     at most RING_BUFFERS ahead of the writer (one shared buffer each).
@@ -348,8 +299,6 @@ class _Submitter:
             self.ready.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it
             self.ready.put(exc)
-        finally:
-            self.flattener.lookup.close()
 
 
 _DONE = object()
@@ -370,8 +319,9 @@ class _Flattener:
     ) -> None:
         self.point, self.disk, self.view = point, disk, view
         self.size = view.cluster_size
-        chain = store.chain(point, disk)
-        self.lookup = _ChainDigests(store, disk, [p.id for p in chain])
+        depth = len(store.chain(point, disk))
+        # Used by the walking thread only; rows come through the one Store restore opened.
+        self.lookup = store.digest_lookup(disk, cached_chunks=max(64, 2 * depth))
         self.zero_digest = zero_digest(self.size)
         self.zero_cluster = bytes(self.size)
         self.result = DiskResult(disk, "", "", view.virtual_size)
@@ -437,7 +387,7 @@ class _Flattener:
         for i, point_id in enumerate(owner):
             if point_id is None or point_id == _ZERO:
                 continue
-            expected = self.lookup.get(point_id, first + i)
+            expected = self.lookup.digest(point_id, first + i)
             if expected is not None:
                 at = i * size
                 batch.checks.append(

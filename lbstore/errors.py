@@ -115,6 +115,26 @@ class StoreIntegrityError(StoreError):
         self.problem = problem
 
 
+class ChecksumRowError(StoreIntegrityError):
+    """A checksum row of the index cannot be used: unknown algorithm, or blobs that disagree."""
+
+    def __init__(self, where: str, chunk: int, problem: str) -> None:
+        super().__init__("index", f"checksum row of {where}, chunk {chunk}: {problem}")
+        self.where = where
+        self.chunk = chunk
+
+
+class DamagedClusterError(StoreIntegrityError):
+    """A stored cluster read back does not match the index: its digest differs, the file maps
+    it but the index lists no checksum for it, or the index lists it but the file no longer
+    maps it (a damaged L2 table). Names the point, disk, guest cluster and file."""
+
+    def __init__(self, where: str, cluster: int, path: object, problem: str) -> None:
+        super().__init__(path, f"{where}: cluster {cluster} {problem}")
+        self.where = where
+        self.cluster = cluster
+
+
 class Qcow2WriteError(Qcow2Error):
     """Writing a qcow2 file failed in the operating system (disk full, I/O error, ...).
 

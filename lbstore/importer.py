@@ -18,8 +18,9 @@ from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
+from lbstore.checksums import cluster_digests
 from lbstore.errors import Qcow2Error, StoreError
-from lbstore.ingest import DiskIngest, cluster_digests
+from lbstore.ingest import DiskIngest
 from lbstore.model import RestorePoint
 from lbstore.names import check_disk_name
 from lbstore.qcow2.reader import Qcow2Image, RawImage, RunKind, open_image

@@ -5,9 +5,10 @@ keys on. Its schema grows by `sqlite_utils.Migrations`, never by hand. Each logi
 point, commit a point, recover) runs inside one `db.atomic()` transaction, so a crash leaves
 either the old state or the new one.
 
-Checksums are kept compactly: one row per (point, disk, chunk of CHECKSUM_CHUNK_CLUSTERS guest
-clusters) holding a blob of run-encoded cluster indexes and a blob of concatenated digests, so a
-restore point costs O(disks) rows, never one row per cluster.
+Checksums are kept compactly: one row per (point, disk, chunk of guest clusters) holding the
+algorithm's name and two blobs, so a restore point costs O(disks) rows, never one per cluster.
+What the blobs hold is lbstore.checksums' business (the one row codec): this module stores and
+returns `ChecksumRow`s as they are.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,13 +24,10 @@ from typing import Any
 
 from sqlite_utils import Database, Migrations
 
+from lbstore.checksums import DIGEST_SIZE, ChecksumRow
 from lbstore.model import utc_iso
 
 INDEX_NAME = "index.sqlite"
-CHECKSUM_ALGORITHM = "blake3"
-DIGEST_SIZE = 32
-CHECKSUM_CHUNK_CLUSTERS = 1 << 16
-"""Guest clusters per checksum row: 4 GiB of guest space at 64 KiB clusters, <= 2 MiB of digests."""
 
 migrations = Migrations("lbstore")
 
@@ -114,46 +111,6 @@ CREATE TABLE events (
 CREATE INDEX events_by_vm ON events (vm, id)
 """
 
-# --- checksum chunk encoding --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChecksumChunk:
-    """The digests of the stored clusters of one file within one chunk of guest clusters.
-
-    `runs` holds (first, count) pairs of cluster indexes relative to the chunk's first cluster,
-    sorted; `digests` holds DIGEST_SIZE bytes per cluster in the same order.
-    """
-
-    chunk: int
-    runs: tuple[tuple[int, int], ...]
-    digests: bytes
-
-    def clusters(self) -> Iterator[tuple[int, bytes]]:
-        """(absolute guest cluster index, digest) for every cluster of this chunk, in order."""
-        base = self.chunk * CHECKSUM_CHUNK_CLUSTERS
-        position = 0
-        for first, count in self.runs:
-            for index in range(first, first + count):
-                yield base + index, self.digests[position : position + DIGEST_SIZE]
-                position += DIGEST_SIZE
-
-
-def encode_runs(runs: Sequence[tuple[int, int]]) -> bytes:
-    """(first, count) pairs as little-endian uint32s."""
-    flat = array("I", [value for run in runs for value in run])
-    if flat.itemsize != 4:  # pragma: no cover - every platform we run on has 32-bit "I"
-        raise RuntimeError("array('I') is not 32 bits wide")
-    return flat.tobytes()
-
-
-def decode_runs(blob: bytes) -> tuple[tuple[int, int], ...]:
-    """The inverse of encode_runs."""
-    flat = array("I")
-    flat.frombytes(blob)
-    return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
-
-
 # --- the index ----------------------------------------------------------------------------------
 
 
@@ -162,12 +119,19 @@ def _now() -> str:
 
 
 def _connect(path: Path, *, readonly: bool, immutable: bool = False) -> sqlite3.Connection:
-    """A connection in autocommit mode: transactions are opened only by `db.atomic()`."""
+    """A connection in autocommit mode: transactions are opened only by `db.atomic()`.
+
+    Usable from any thread (SQLite is built serialized, sqlite3.threadsafety 3): a restore
+    reads checksum rows from its walking thread and a mount from its FUSE threads, through
+    the one Store they opened (the Store serialises those reads).
+    """
     if readonly:
         flags = "mode=ro&immutable=1" if immutable else "mode=ro"
         uri = f"{path.resolve().as_uri()}?{flags}"
-        return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)
-    return sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+        return sqlite3.connect(
+            uri, uri=True, isolation_level=None, timeout=30.0, check_same_thread=False
+        )
+    return sqlite3.connect(str(path), isolation_level=None, timeout=30.0, check_same_thread=False)
 
 
 class Index:
@@ -280,17 +244,17 @@ class Index:
             "cluster_size = excluded.cluster_size",
             [point.vm, disk.name, disk.virtual_size, disk.cluster_size],
         )
-        for chunk in disk.checksums:
+        for row in disk.checksums:
             self.db.execute(
                 "INSERT INTO checksums (point_id, disk, chunk, algorithm, cluster_runs, "
                 "digests) VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     point.point_id,
                     disk.name,
-                    chunk.chunk,
-                    CHECKSUM_ALGORITHM,
-                    encode_runs(chunk.runs),
-                    chunk.digests,
+                    row.chunk,
+                    row.algorithm,
+                    row.cluster_runs,
+                    row.digests,
                 ],
             )
 
@@ -406,26 +370,23 @@ class Index:
 
     # --- checksums ------------------------------------------------------------------------------
 
-    def checksum_chunk(self, point_id: int, disk: str, chunk: int) -> ChecksumChunk | None:
-        """One chunk of a file's checksums, or None when it stores no cluster there."""
+    def checksum_row(self, point_id: int, disk: str, chunk: int) -> ChecksumRow | None:
+        """One chunk's checksum row of a file, or None when it stores no cluster there."""
         row = self.db.execute(
-            "SELECT cluster_runs, digests FROM checksums WHERE point_id = ? AND disk = ? "
-            "AND chunk = ?",
+            "SELECT chunk, algorithm, cluster_runs, digests FROM checksums "
+            "WHERE point_id = ? AND disk = ? AND chunk = ?",
             [point_id, disk, chunk],
         ).fetchone()
-        if row is None:
-            return None
-        return ChecksumChunk(chunk, decode_runs(row[0]), bytes(row[1]))
+        return None if row is None else ChecksumRow(row[0], row[1], bytes(row[2]), bytes(row[3]))
 
-    def checksum_chunks(self, point_id: int, disk: str) -> Iterator[ChecksumChunk]:
-        """Every chunk of a file's checksums, in guest order."""
+    def checksum_rows(self, point_id: int, disk: str) -> list[ChecksumRow]:
+        """Every checksum row of a file, in guest order."""
         cursor = self.db.execute(
-            "SELECT chunk, cluster_runs, digests FROM checksums WHERE point_id = ? AND disk = ? "
-            "ORDER BY chunk",
+            "SELECT chunk, algorithm, cluster_runs, digests FROM checksums "
+            "WHERE point_id = ? AND disk = ? ORDER BY chunk",
             [point_id, disk],
         )
-        for chunk, runs, digests in cursor.fetchall():
-            yield ChecksumChunk(chunk, decode_runs(runs), bytes(digests))
+        return [ChecksumRow(c, a, bytes(r), bytes(d)) for c, a, r, d in cursor.fetchall()]
 
     def checksum_state(self, point_id: int, disk: str) -> dict[str, int]:
         """How many clusters of a file have a checksum, and how many bytes of index that costs."""
@@ -492,7 +453,8 @@ class CommitDisk:
     virtual_size: int
     cluster_size: int
     stored_bytes: int
-    checksums: tuple[ChecksumChunk, ...]
+    checksums: tuple[ChecksumRow, ...]
+    """Encoded rows (lbstore.checksums.ChecksumChunk.encode)."""
 
 
 @dataclass(frozen=True)

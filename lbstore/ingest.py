@@ -7,9 +7,10 @@ each into `data/<vm>/<disk>/<id>.qcow2`, fsync the directories, then mark the po
 one index transaction. A crash before that transaction leaves a pending row, which the next
 writer's recovery removes with its files.
 
-Every stored cluster gets a BLAKE3 digest of the whole cluster (zero-padded at the end of the
-disk), computed while writing. Zero clusters are recognised by that digest and stored as zero
-clusters (or not at all in a full file), so they need no data checksum.
+Every stored cluster gets its digest (lbstore.checksums: the one digest rule), computed while
+writing or handed in by the caller that computed it on another core. Zero clusters are
+recognised by that digest and stored as zero clusters (or not at all in a full file), so they
+need no data checksum.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import contextlib
 import errno
 import os
 import shutil
-from array import array
+import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import blake3
-
+from lbstore.checksums import DigestCollector, DigestLookup, cluster_digests, zero_digest
 from lbstore.errors import (
     IngestError,
     Qcow2Error,
@@ -35,17 +35,11 @@ from lbstore.errors import (
     StoreIntegrityError,
     StoreSpaceError,
 )
-from lbstore.index import (
-    CHECKSUM_CHUNK_CLUSTERS,
-    DIGEST_SIZE,
-    ChecksumChunk,
-    CommitDisk,
-    CommitRecord,
-)
+from lbstore.index import CommitDisk, CommitRecord
 from lbstore.model import COMPARING_MODES, DISK_MODES, RestorePoint, as_utc, parse_utc
 from lbstore.names import check_disk_name
 from lbstore.qcow2.writer import Qcow2Writer
-from lbstore.view import ChainView, ChecksumLookup, zero_digest
+from lbstore.view import ChainView
 
 if TYPE_CHECKING:
     from lbstore.store import Store
@@ -93,45 +87,6 @@ def _point_time(vm: str, created: datetime | None, latest_text: str | None) -> d
     return moment
 
 
-class _Digests:
-    """The digests of one file's stored clusters, collected in any order, chunked on finish."""
-
-    def __init__(self) -> None:
-        self._chunks: dict[int, tuple[array[int], bytearray]] = {}
-
-    def add(self, cluster: int, digest: bytes) -> None:
-        """Record the digest of one stored guest cluster."""
-        chunk, relative = divmod(cluster, CHECKSUM_CHUNK_CLUSTERS)
-        entry = self._chunks.get(chunk)
-        if entry is None:
-            entry = self._chunks[chunk] = (array("I"), bytearray())
-        entry[0].append(relative)
-        entry[1].extend(digest)
-
-    def finish(self) -> tuple[ChecksumChunk, ...]:
-        """Chunks with sorted, run-encoded cluster indexes."""
-        out = []
-        for chunk in sorted(self._chunks):
-            indexes, digests = self._chunks[chunk]
-            order = sorted(range(len(indexes)), key=indexes.__getitem__)
-            if order != list(range(len(indexes))):
-                size = DIGEST_SIZE
-                digests = bytearray(b"".join(digests[i * size : (i + 1) * size] for i in order))
-                indexes = array("I", (indexes[i] for i in order))
-            out.append(ChecksumChunk(chunk, _to_runs(indexes), bytes(digests)))
-        return tuple(out)
-
-
-def _to_runs(indexes: array[int]) -> tuple[tuple[int, int], ...]:
-    runs: list[list[int]] = []
-    for index in indexes:
-        if runs and runs[-1][0] + runs[-1][1] == index:
-            runs[-1][1] += 1
-        else:
-            runs.append([index, 1])
-    return tuple((first, count) for first, count in runs)
-
-
 class DiskIngest:
     """One disk of a restore point being written. Feed it cluster-aligned runs in any order."""
 
@@ -146,7 +101,7 @@ class DiskIngest:
         mode: str,
         backing_point_id: int | None,
         previous: ChainView | None,
-        lookup: ChecksumLookup | None,
+        lookup: DigestLookup | None,
     ) -> None:
         self.name = name
         self.mode = mode
@@ -157,7 +112,7 @@ class DiskIngest:
         self._writer = writer
         self._previous = previous
         self._lookup = lookup
-        self._digests = _Digests()
+        self._digests = DigestCollector()
         self._zero_digest = zero_digest(self.cluster_size)
         self.received_bytes = 0
         self.reason: str | None = None
@@ -192,7 +147,7 @@ class DiskIngest:
     ) -> None:
         """Store guest data at `offset` (cluster-aligned; whole clusters or up to the disk end).
 
-        `digests`, when given, are the clusters' BLAKE3 digests from `cluster_digests()`,
+        `digests`, when given, are the clusters' digests from `checksums.cluster_digests()`,
         computed by the caller elsewhere (e.g. in a read-ahead thread, overlapping the writes).
         """
         view = memoryview(data).cast("B")
@@ -289,25 +244,8 @@ class DiskIngest:
             virtual_size=self.virtual_size,
             cluster_size=self.cluster_size,
             stored_bytes=self._writer.stored_bytes,
-            checksums=self._digests.finish(),
+            checksums=tuple(chunk.encode() for chunk in self._digests.finish()),
         )
-
-
-def cluster_digests(data: bytes | bytearray | memoryview, cluster_size: int) -> list[bytes]:
-    """BLAKE3 digests of each cluster of `data` (the last one zero-padded when short)."""
-    view = memoryview(data).cast("B")
-    return [
-        _digest(view[start : start + cluster_size], cluster_size)
-        for start in range(0, len(view), cluster_size)
-    ]
-
-
-def _digest(piece: memoryview, cluster_size: int) -> bytes:
-    """BLAKE3 of a whole cluster; a short last cluster is hashed as if zero-padded."""
-    hasher = blake3.blake3(piece)
-    if len(piece) < cluster_size:
-        hasher.update(bytes(cluster_size - len(piece)))
-    return hasher.digest()
 
 
 class Ingest:
@@ -342,7 +280,7 @@ class Ingest:
         moment = _point_time(vm, created, store.index.latest_created(vm))
         try:
             point_id = store.index.begin_point(vm, moment)
-        except Exception as exc:
+        except sqlite3.Error as exc:
             raise _as_store_error(exc, store.path) from exc
         ingest = cls(store, vm, point_id, moment, definition)
         try:
@@ -458,7 +396,7 @@ class Ingest:
             # from there after a crash, so no flush is needed between data and header.
             header_barrier=False,
         )
-        lookup = ChecksumLookup(self.store.index, name) if view is not None else None
+        lookup = self.store.digest_lookup(name) if view is not None else None
         return DiskIngest(
             self,
             name,
@@ -486,7 +424,7 @@ class Ingest:
             for path in renamed:
                 path.unlink(missing_ok=True)
             self.abort()
-            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+            if isinstance(exc, OSError | sqlite3.Error):
                 raise _as_store_error(exc, self.store.path) from exc
             raise
         self._finish()
@@ -528,7 +466,7 @@ class Ingest:
             disk._abort()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         # On e.g. a full disk this fails; the next writer's recovery forgets the pending row.
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(sqlite3.Error):
             self.store.index.forget_pending(self.point_id)
 
     def _finish(self) -> None:
@@ -587,14 +525,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _as_store_error(exc: BaseException, path: Path) -> StoreError:
-    """OS and SQLite failures during ingest as one clear StoreError."""
-    import sqlite3
-
+def _as_store_error(exc: OSError | sqlite3.Error, path: Path) -> StoreError:
+    """An OS or SQLite failure during ingest as one clear StoreError (nothing else is
+    converted: any other exception is a bug and shows as one)."""
     if _is_space_error(exc) or (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)):
         return StoreSpaceError(path)
-    if isinstance(exc, StoreError):
-        return exc
     if isinstance(exc, OSError):
         return StoreError(f"{path}: {exc.strerror or exc}")
-    return StoreError(f"{path}: {exc}")
+    return StoreError(f"{path}: the index failed: {exc}")

@@ -19,12 +19,14 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lbstore.chain import disk_chain, parse_address, select_point
+from lbstore.checksums import CHUNK_CLUSTERS, ChecksumChunk, DigestLookup, decode_row
 from lbstore.closing import Closing
 from lbstore.errors import (
     AddressError,
@@ -88,6 +90,7 @@ class Store(Closing):
         self._index = index
         self._lock = lock
         self._ingest: Ingest | None = None
+        self._rows_lock = threading.Lock()
         self.problems: list[str] = []
         """Disagreements between index and data/ found when opened (also logged as events)."""
 
@@ -291,12 +294,49 @@ class Store(Closing):
                 raise StoreIntegrityError(path, "a file of this restore point's chain is missing")
         return ChainView.open(layers)
 
-    def stored_clusters(self, point: RestorePoint, disk: str) -> Iterator[tuple[int, bytes]]:
-        """(guest cluster index, BLAKE3 digest) of every cluster stored in the point's own file."""
+    def stored_clusters(
+        self, point: RestorePoint, disk: str, first: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        """(guest cluster index, digest) of every cluster the index lists as stored in the
+        point's own file (within clusters [first, stop) when given), in guest order."""
         check_disk_name(disk)
         self.file_path(point, disk)
-        for chunk in self._index.checksum_chunks(point.id, disk):
-            yield from chunk.clusters()
+        if first == 0 and stop is None:
+            with self._rows_lock:
+                rows = self._index.checksum_rows(point.id, disk)
+            where = f"{point.vm}@#{point.id} disk {disk}"
+            for row in rows:
+                yield from decode_row(row, where).clusters()
+            return
+        record = point.disk(disk)
+        assert record is not None
+        end = stop if stop is not None else -(-record.virtual_size // record.cluster_size)
+        for chunk in range(first // CHUNK_CLUSTERS, -(-end // CHUNK_CLUSTERS)):
+            decoded = self.checksum_chunk(point.id, disk, chunk)
+            if decoded is None:
+                continue
+            for cluster, digest in decoded.clusters():
+                if cluster >= end:
+                    break
+                if cluster >= first:
+                    yield cluster, digest
+
+    def checksum_chunk(self, point_id: int, disk: str, chunk: int) -> ChecksumChunk | None:
+        """One chunk of the digests stored for `point_id`'s own file of `disk` (decoded and
+        checked: an unknown algorithm or a damaged row raises ChecksumRowError), or None when
+        the file stores no cluster in that chunk. Safe to call from any thread."""
+        with self._rows_lock:
+            row = self._index.checksum_row(point_id, disk, chunk)
+        return None if row is None else decode_row(row, f"#{point_id} disk {disk}")
+
+    def digest_lookup(self, disk: str, *, cached_chunks: int = 64) -> DigestLookup:
+        """Digests of `disk`'s stored clusters by (point id, guest cluster), cached by chunk
+        (one lookup per view or walk; usable from any one thread at a time)."""
+        check_disk_name(disk)
+        return DigestLookup(
+            lambda point_id, chunk: self.checksum_chunk(point_id, disk, chunk),
+            cached_chunks=cached_chunks,
+        )
 
     def checksum_state(self, point: RestorePoint, disk: str) -> dict[str, int]:
         """How many clusters of the point's own file have checksums (and what the index pays)."""

@@ -29,11 +29,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import blake3
-
 from lbstore.chain import disk_chain
+from lbstore.checksums import CHUNK_CLUSTERS, cluster_digest
 from lbstore.errors import Qcow2Error, StoreError
-from lbstore.index import CHECKSUM_CHUNK_CLUSTERS
 from lbstore.model import DiskRecord, RestorePoint, utc_iso
 from lbstore.qcow2.reader import Qcow2Image, RunKind
 from lbstore.store import Store
@@ -366,7 +364,7 @@ class _Checker:
             try:
                 digests = self._digests(job)
                 stored = _stored_clusters(image, *job.guest_range())
-                for batch in _batches(_joined(digests, stored, damage), CHECKSUM_CHUNK_CLUSTERS):
+                for batch in _batches(_joined(digests, stored, damage), CHUNK_CLUSTERS):
                     self._check_batch(image, fd, self._sampled(batch), file_size, damage)
             except (Qcow2Error, OSError) as exc:
                 damage.add(f"mapping unreadable: {_reason(exc)}", 1)
@@ -379,8 +377,8 @@ class _Checker:
             return self.store.stored_clusters(job.point, job.record.name)
         start, end = job.guest_range()
         size = job.record.cluster_size
-        return _digests_between(
-            self.store, job.point.id, job.record.name, start // size, -(-end // size)
+        return self.store.stored_clusters(
+            job.point, job.record.name, start // size, -(-end // size)
         )
 
     def _sampled(self, batch: list[_Entry]) -> list[_Entry]:
@@ -458,23 +456,8 @@ class _Checker:
     ) -> None:
         self.outcome.clusters_checked += 1
         self.outcome.bytes_checked += len(content)
-        if blake3.blake3(content).digest() != expected:
+        if cluster_digest(content, self.size) != expected:
             damage.add(f"cluster {cluster}: checksum mismatch", 1)
-
-
-def _digests_between(
-    store: Store, point_id: int, disk: str, first: int, stop: int
-) -> Iterator[tuple[int, bytes]]:
-    """(guest cluster, digest) of the file's clusters in [first, stop), in guest order."""
-    for chunk in range(first // CHECKSUM_CHUNK_CLUSTERS, -(-stop // CHECKSUM_CHUNK_CLUSTERS)):
-        row = store.index.checksum_chunk(point_id, disk, chunk)
-        if row is None:
-            continue
-        for cluster, digest in row.clusters():
-            if cluster >= stop:
-                break
-            if cluster >= first:
-                yield cluster, digest
 
 
 _buffer: bytearray | None = None

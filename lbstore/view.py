@@ -15,14 +15,10 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-
-import blake3
 
 from lbstore.closing import Closing
 from lbstore.errors import Qcow2Error, StoreIntegrityError
-from lbstore.index import CHECKSUM_CHUNK_CLUSTERS, DIGEST_SIZE, Index
 from lbstore.qcow2.reader import Qcow2Image, RawImage, Run, RunKind
 
 CACHED_RANGES = 64
@@ -55,12 +51,6 @@ class _Segment:
     kind: ViewKind
     layer: int  # index into the chain, -1 for ZERO
     host: int  # file offset of `start` for DATA, else 0
-
-
-@lru_cache(maxsize=16)
-def zero_digest(cluster_size: int) -> bytes:
-    """BLAKE3 of a cluster of zeros: the digest of every zero or unallocated cluster."""
-    return blake3.blake3(bytes(cluster_size)).digest()
 
 
 class ChainView(Closing):
@@ -369,44 +359,3 @@ def _coalesce(segments: list[_Segment]) -> list[_Segment]:
                 continue
         out.append(seg)
     return out
-
-
-class ChecksumLookup:
-    """Digests of stored clusters by (point, guest cluster), loading one chunk row at a time."""
-
-    def __init__(self, index: Index, disk: str) -> None:
-        self._index = index
-        self._disk = disk
-        self._chunks: OrderedDict[tuple[int, int], tuple[list[int], list[int], bytes] | None] = (
-            OrderedDict()
-        )
-
-    def digest(self, point_id: int, cluster: int) -> bytes | None:
-        """The stored digest of `cluster` in `point_id`'s own file, or None when it has none."""
-        chunk, relative = divmod(cluster, CHECKSUM_CHUNK_CLUSTERS)
-        key = (point_id, chunk)
-        if key not in self._chunks:
-            row = self._index.checksum_chunk(point_id, self._disk, chunk)
-            if row is None:
-                self._chunks[key] = None
-            else:
-                starts, bases, position = [], [], 0
-                for first, count in row.runs:
-                    starts.append(first)
-                    bases.append(position)
-                    position += count
-                self._chunks[key] = (starts, bases, row.digests)
-            if len(self._chunks) > 16:
-                self._chunks.popitem(last=False)
-        entry = self._chunks[key]
-        if entry is None:
-            return None
-        starts, bases, digests = entry
-        i = bisect.bisect_right(starts, relative) - 1
-        if i < 0:
-            return None
-        position = bases[i] + relative - starts[i]
-        next_base = bases[i + 1] if i + 1 < len(bases) else len(digests) // DIGEST_SIZE
-        if position >= next_base:
-            return None
-        return digests[position * DIGEST_SIZE : (position + 1) * DIGEST_SIZE]

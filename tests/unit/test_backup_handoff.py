@@ -10,7 +10,7 @@ from typing import Any
 
 from lbqemu.nbd import ZERO, Borrowed, BufferPool
 from lbrestore.backup import BATCH_RUNS, _Batch, _Batcher
-from lbstore.ingest import cluster_digests
+from lbstore.checksums import cluster_digests
 
 CLUSTER = 65536
 

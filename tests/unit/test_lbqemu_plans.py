@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lbqemu.bitmaps import bitmap_name, plan_disk, rollback_actions, transaction_actions
 from lbqemu.discovery import BitmapInfo, DiskInfo, choose_disks, device_id_of
-from lbqemu.errors import AddressError, DiskSelectionError, InsecureTransportError
+from lbqemu.errors import DiskSelectionError, EndpointAddressError, InsecureTransportError
 from lbqemu.fleece import nbd_endpoint
 from lbqemu.nbd import STATE_DIRTY, STATE_HOLE, STATE_ZERO, Run, plan_runs
 from lbqemu.qmp import parse_address
@@ -36,7 +36,7 @@ def test_parse_address(text: str, expected: object) -> None:
     "text", ["", "unix:", "/run/qmp.sock", "tcp:host", "tcp:host:0", "tcp:host:x", "udp:a:1"]
 )
 def test_parse_address_rejects(text: str) -> None:
-    with pytest.raises(AddressError) as info:
+    with pytest.raises(EndpointAddressError) as info:
         parse_address(text)
     assert info.value.exit_code == 2
 
@@ -49,7 +49,7 @@ def test_nbd_endpoint_refuses_plain_tcp_unless_asked(tmp_path: Path) -> None:
     assert plain.qmp_addr() == {"type": "inet", "data": {"host": "127.0.0.1", "port": "10809"}}
     tls = nbd_endpoint("tcp:127.0.0.1:10809", tmp_path, tls_creds_dir="/creds")
     assert tls.tls_creds_dir == "/creds"
-    with pytest.raises(AddressError):
+    with pytest.raises(EndpointAddressError):
         nbd_endpoint("unix:/x.sock", tmp_path, tls_creds_dir="/creds")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from lbstore.checksums import zero_digest
 from lbstore.errors import (
     IngestError,
     InvalidNameError,
@@ -26,7 +27,7 @@ from lbstore.errors import (
 )
 from lbstore.qcow2.reader import Qcow2Image
 from lbstore.store import Store
-from lbstore.view import ViewKind, zero_digest
+from lbstore.view import ViewKind
 
 CS = 65536
 MIB = 1 << 20
