@@ -145,7 +145,7 @@ def peak_rss_kib(pid: int) -> int:
 
 
 def serving_pid(mountpoint: Path) -> int:
-    from lbrestore.mount import mounts
+    from lbfuse.mountpoints import mounts
 
     entry = next(e for e in mounts() if e.mountpoint == mountpoint)
     assert entry.pid is not None

@@ -19,10 +19,12 @@ A cached FUSE file is filled in steps of its device's readahead, which the kerne
 direct speed. So a caching mount raises its readahead to READAHEAD (4 MiB; the kernel then asks
 1 MiB per request, several in flight) through /sys/class/bdi, which only root may write. Even
 so, cached reads cost ~60% more CPU per byte (page-cache allocation and one more copy) and ran
-at 0.6-1.0x the direct speed on 2 shared cores (numbers: lbrestore.mount.KERNEL_CACHE_DEFAULT);
-2 or 8 MiB of readahead, 2 or 8 threads, more views per disk and splice replies
-(read_buf) did not do better. `kernel_cache=None` caches large files only when the readahead
-could be raised.
+at 0.6-1.0x the direct speed on 2 shared cores: bench/bench_mount_read.py (1 GiB, depth-25
+chain, best of 5, 3 runs) read 2440-3160 MiB/s streamed (ratio to qemu-img 0.47-0.62,
+0.36-0.42 CPU s/GiB) but 1580-2650 MiB/s cached with 4 MiB readahead (ratio 0.31-0.50,
+0.66 CPU s/GiB) and ~900 MiB/s with the kernel's 128 KiB. 2 or 8 MiB of readahead, 2 or 8
+threads, more views per disk and splice replies (read_buf) did not do better. Hence streaming
+is the default; caching wins on repeated reads and allows mmap.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import errno
 import functools
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,12 +41,10 @@ from typing import Any, TypeVar
 import mfusepy
 
 from lbfuse.errors import MountFailedError, VfsError
+from lbfuse.mountpoints import FS_SUBTYPE, find_mount
 from lbfuse.vfs import ReadOnlyTree
 
 log = logging.getLogger(__name__)
-
-FS_SUBTYPE = "lbrestore"
-"""Mounts show as `fuse.lbrestore` in /proc/self/mountinfo: how `umount` recognises ours."""
 
 MAX_READ = 1 << 20
 READAHEAD = 4 << 20
@@ -97,14 +96,13 @@ class FuseAdapter(mfusepy.Operations):
         tree: ReadOnlyTree,
         mountpoint: Path | None = None,
         *,
-        kernel_cache: bool | None = None,
+        kernel_cache: bool = False,
     ) -> None:
-        """`kernel_cache`: True caches every cacheable file, False streams large files past the
-        page cache (`direct_io`), None (auto) caches when the readahead could be raised."""
+        """`kernel_cache`: True caches every cacheable file (and raises the readahead), False
+        streams large files past the page cache (`direct_io`)."""
         self.tree = tree
         self.mountpoint = mountpoint
         self.kernel_cache = kernel_cache
-        self.readahead_raised = False
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         """Ask the kernel for large reads and readahead (libfuse 3.14 has no option for these).
@@ -117,16 +115,14 @@ class FuseAdapter(mfusepy.Operations):
         if conn is not None:
             conn.max_read = MAX_READ
             conn.max_readahead = READAHEAD
-        if self.mountpoint is not None and self.kernel_cache is not False:
-            self.readahead_raised = raise_readahead(self.mountpoint, READAHEAD)
+        if self.mountpoint is not None and self.kernel_cache:
+            raise_readahead(self.mountpoint, READAHEAD)
 
     def caches(self, path: str) -> bool:
         """Whether the kernel keeps the pages of `path` (else the file is opened `direct_io`)."""
         if not self.tree.cacheable(path):
             return False
-        if self.kernel_cache or (self.kernel_cache is None and self.readahead_raised):
-            return True
-        return self.tree.getattr(path).size <= SMALL_FILE
+        return self.kernel_cache or self.tree.getattr(path).size <= SMALL_FILE
 
     @_translated
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
@@ -263,7 +259,7 @@ def serve(
     mountpoint: Path,
     *,
     fsname: str,
-    kernel_cache: bool | None = None,
+    kernel_cache: bool = False,
     debug: bool = False,
 ) -> None:
     """Mount `tree` at `mountpoint` and serve it until unmounted (blocks; foreground).
@@ -286,31 +282,12 @@ def raise_readahead(mountpoint: Path, size: int) -> bool:
     /proc/self/mountinfo: a stat() of the mountpoint would wait for the INIT this runs in, so
     `mountpoint` must be a real path already) is writable by root only.
     """
-    device = _mount_device(mountpoint)
-    if device is None:
-        return False
     try:
-        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{size // 1024}\n")
+        entry = find_mount(mountpoint)
+        if entry is None:
+            return False
+        Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb").write_text(f"{size // 1024}\n")
     except OSError as exc:
         log.debug("cannot raise the readahead of %s: %s", mountpoint, exc)
         return False
     return True
-
-
-def _mount_device(mountpoint: Path) -> str | None:
-    """ "MAJOR:MINOR" of the last mount at `mountpoint` in /proc/self/mountinfo."""
-    found = None
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == str(mountpoint):
-            found = fields[2]
-    return found
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo path: space, tab, newline and backslash appear as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from lbfuse import mountpoints
 from lbrestore import mount as mounting
 from lbrestore.commands._common import with_store
 from lbstore.store import Store
@@ -21,7 +22,7 @@ from lbstore.store import Store
 )
 @click.option(
     "--kernel-cache/--no-kernel-cache",
-    default=None,
+    default=False,
     help="Whether the kernel caches disk and partition files: cached files allow mmap and "
     "fast repeated reads; streamed ones (the default) read large ranges faster.",
 )
@@ -32,7 +33,7 @@ def mount_command(
     address: str,
     mountpoint: Path | None,
     foreground: bool,
-    kernel_cache: bool | None,
+    kernel_cache: bool,
     remove_mountpoint: bool,
 ) -> None:
     """Mount a restore point read-only at MOUNTPOINT.
@@ -52,16 +53,16 @@ def mount_command(
     if mountpoint is None:
         mountpoint, remove_after = mounting.make_mountpoint(point), True
     else:
-        mountpoint = mounting.check_mountpoint(mountpoint)
+        mountpoint = mountpoints.check_mountpoint(mountpoint)
         remove_after = remove_mountpoint
     if foreground:
         click.echo(str(mountpoint))
         mounting.serve_point(
-            store, point, mountpoint, remove_after=remove_after, cache_disks=kernel_cache
+            store, point, mountpoint, remove_after=remove_after, kernel_cache=kernel_cache
         )
         return
     mounting.start_background_mount(
-        store.path, point, mountpoint, remove_after=remove_after, cache_disks=kernel_cache
+        store.path, point, mountpoint, remove_after=remove_after, kernel_cache=kernel_cache
     )
     click.echo(str(mountpoint))
 
@@ -74,7 +75,7 @@ def umount_command(mountpoint: Path) -> None:
     Returns once the serving process has exited; a folder that `lbrestore mount` created is
     removed. A mount still in use (open files, a shell inside it) is reported, not forced.
     """
-    mounting.unmount(mountpoint)
+    mountpoints.unmount(mountpoint)
 
 
 COMMANDS = [mount_command, umount_command]

@@ -20,7 +20,8 @@ from lbfuse.errors import (
     ReadOnlyError,
     SourceReadError,
 )
-from lbfuse.mount import FuseAdapter, _unescape, fuse_options, raise_readahead
+from lbfuse.mount import FuseAdapter, fuse_options, raise_readahead
+from lbfuse.mountpoints import FSTYPE, parse_mountinfo_line, unescape
 from lbfuse.vfs import (
     FILE_MODE,
     FOLDER_MODE,
@@ -285,14 +286,8 @@ def _open_flags(adapter: FuseAdapter) -> dict[str, tuple[int, int]]:
 CACHED, STREAMED = (0, 1), (1, 0)
 
 
-def test_adapter_caches_disks_when_the_readahead_was_raised(gpt_disk: bytes) -> None:
+def test_adapter_streams_disks_by_default(gpt_disk: bytes) -> None:
     adapter = FuseAdapter(_tree(gpt_disk)[0])
-    adapter.readahead_raised = True
-    assert set(_open_flags(adapter).values()) == {CACHED}
-
-
-def test_adapter_streams_disks_without_large_readahead(gpt_disk: bytes) -> None:
-    adapter = FuseAdapter(_tree(gpt_disk)[0])  # auto, and no mount whose readahead was raised
     assert _open_flags(adapter) == {
         "/vda.raw": STREAMED,
         "/vda-part1.raw": STREAMED,
@@ -300,11 +295,9 @@ def test_adapter_streams_disks_without_large_readahead(gpt_disk: bytes) -> None:
     }
 
 
-@pytest.mark.parametrize("raised", [False, True])
-def test_adapter_kernel_cache_forced_either_way(gpt_disk: bytes, raised: bool) -> None:
+def test_adapter_kernel_cache_either_way(gpt_disk: bytes) -> None:
     on = FuseAdapter(_tree(gpt_disk)[0], kernel_cache=True)
     off = FuseAdapter(_tree(gpt_disk, cache_disks=False)[0], kernel_cache=False)
-    on.readahead_raised = off.readahead_raised = raised
     assert set(_open_flags(on).values()) == {CACHED}
     assert _open_flags(off) == {
         "/vda.raw": STREAMED,
@@ -314,7 +307,28 @@ def test_adapter_kernel_cache_forced_either_way(gpt_disk: bytes, raised: bool) -
 
 
 def test_mountinfo_paths_are_unescaped() -> None:
-    assert _unescape(r"/tmp/a\040b\011c\134d") == "/tmp/a b\tc\\d"
+    assert unescape(r"/tmp/a\040b\011c\134d") == "/tmp/a b\tc\\d"
+
+
+def test_a_mountinfo_line_gives_device_type_source_and_options() -> None:
+    line = (
+        r"97 29 0:52 / /run/user/1000/lbrestore-vm1-7-x\040y ro,nosuid,nodev,relatime "
+        r"shared:52 - fuse.lbrestore lbrestore:vm1@7:pid4242:auto "
+        "ro,user_id=1000,group_id=1000,default_permissions\n"
+    )
+    entry = parse_mountinfo_line(line)
+    assert entry is not None
+    assert entry.mountpoint == Path("/run/user/1000/lbrestore-vm1-7-x y")
+    assert (entry.device, entry.fstype, entry.source) == (
+        "0:52",
+        FSTYPE,
+        "lbrestore:vm1@7:pid4242:auto",
+    )
+    assert entry.options[:2] == ("ro", "nosuid") and "default_permissions" in entry.options
+    assert (entry.pid, entry.auto_created) == (4242, True)
+    plain = parse_mountinfo_line("25 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw")
+    assert plain is not None and (plain.pid, plain.auto_created) == (None, False)
+    assert parse_mountinfo_line("garbage without separator") is None
 
 
 def test_readahead_of_a_path_that_is_no_mount_is_not_raised(tmp_path: Path) -> None:
