@@ -27,22 +27,26 @@ from pathlib import Path
 from typing import Protocol
 
 from lbrestore.errors import AppError
-from lbrestore.hashproc import FileRead, HashCheck, Problem, ReadHashWorker, Slots
 from lbrestore.vmdef import HostDefinition, RestoredDisk, write_host_definition
 from lbstore.checksums import zero_digest
 from lbstore.errors import Qcow2Error
 from lbstore.model import RestorePoint
 from lbstore.names import check_vm_name
 from lbstore.qcow2.writer import Qcow2Writer
+from lbstore.readpipe import (
+    BATCH_BYTES,
+    RING_BUFFERS,
+    FileRead,
+    HashCheck,
+    Problem,
+    ReadHashWorker,
+    Slots,
+)
 from lbstore.store import Store
 from lbstore.view import ChainView, ViewKind, ViewRun
 
 _ZEROS = bytes(1 << 20)
 
-CHUNK = 8 << 20
-"""Guest bytes read per step: large sequential reads, bounded memory (a multiple of clusters)."""
-RING_BUFFERS = 6
-"""Shared CHUNK buffers: read ahead, being hashed, being written."""
 NBD_IN_FLIGHT = 8
 NBD_MAX_ZERO = 1 << 30
 FORMATS = ("qcow2", "raw")
@@ -196,7 +200,7 @@ class _RawSink:
 
 @dataclass(slots=True)
 class _Batch:
-    """Consecutive runs (data and short zero runs) inside one CHUNK-aligned window of the guest.
+    """Consecutive runs (data and short zero runs) inside one BATCH_BYTES-aligned guest window.
 
     `slot` is the shared buffer holding its data once read: only clusters with data are read
     into it; the bytes of zero clusters are left as they are (never hashed, never written).
@@ -213,19 +217,22 @@ class _Batch:
 def _walk(view: ChainView) -> Iterator[_Batch | tuple[int, int]]:
     """The disk in guest order: batches to read, and (offset, length) zero ranges.
 
-    Zero runs shorter than CHUNK stay inside a batch, so a disk whose data alternates with
-    holes still moves in CHUNK-sized steps (one queue hand-over per CHUNK, not per run).
+    Zero runs shorter than BATCH_BYTES stay inside a batch, so a disk whose data alternates with
+    holes still moves in BATCH_BYTES steps (one queue hand-over per BATCH_BYTES, not per run).
     """
     batch: _Batch | None = None
     for run in view.runs():
-        if run.kind is ViewKind.ZERO and run.length >= CHUNK:
+        if run.kind is ViewKind.ZERO and run.length >= BATCH_BYTES:
             if batch is not None:
                 yield batch
                 batch = None
             yield (run.guest_offset, run.length)
             continue
         for piece in _split(run):
-            if batch is not None and batch.start // CHUNK != piece.guest_offset // CHUNK:
+            if (
+                batch is not None
+                and batch.start // BATCH_BYTES != piece.guest_offset // BATCH_BYTES
+            ):
                 yield batch
                 batch = None
             if batch is None:
@@ -237,10 +244,10 @@ def _walk(view: ChainView) -> Iterator[_Batch | tuple[int, int]]:
 
 
 def _split(run: ViewRun) -> Iterator[ViewRun]:
-    """A run cut at CHUNK-aligned guest offsets."""
+    """A run cut at BATCH_BYTES-aligned guest offsets."""
     pos, end = run.guest_offset, run.guest_offset + run.length
     while pos < end:
-        stop = min(end, (pos // CHUNK + 1) * CHUNK)
+        stop = min(end, (pos // BATCH_BYTES + 1) * BATCH_BYTES)
         host = None if run.host_offset is None else run.host_offset + (pos - run.guest_offset)
         yield ViewRun(run.kind, pos, stop - pos, run.point_id, run.path, host)
         pos = stop
@@ -307,7 +314,7 @@ _DONE = object()
 class _Flattener:
     """Reads a view's data, verifies each cluster's digest and feeds non-zero clusters to a sink.
 
-    A thread walks the view (_Submitter); a forked process (hashproc) reads the stored data
+    A thread walks the view (_Submitter); a forked process (lbstore.readpipe) reads the stored data
     into a ring of shared buffers and checks the digests, up to RING_BUFFERS batches ahead;
     the calling thread writes. Reading, hashing and writing overlap on separate cores. A batch
     is written only once its checks passed. Which clusters are zero comes from the recorded
@@ -330,7 +337,7 @@ class _Flattener:
     def run(self, sink: _Sink, progress: Progress | None) -> None:
         """Copy the whole disk into `sink`, in guest order: a thread walks the view and sends
         each batch to the worker process; this thread writes the batches it has checked."""
-        slots = Slots(RING_BUFFERS, CHUNK)
+        slots = Slots(RING_BUFFERS, BATCH_BYTES)
         worker = ReadHashWorker(slots, self.size)  # forked before any thread starts
         closed = False
         try:
@@ -695,8 +702,8 @@ class _NbdSink:
                 with self._nbd_errors():
                     self._submit(functools.partial(self.handle.aio_zero, count, at))
                 continue
-            for piece in range(at, at + count, CHUNK):
-                self.data(piece, memoryview(bytes(min(CHUNK, at + count - piece))))
+            for piece in range(at, at + count, BATCH_BYTES):
+                self.data(piece, memoryview(bytes(min(BATCH_BYTES, at + count - piece))))
 
     def finish(self) -> None:
         with self._nbd_errors():

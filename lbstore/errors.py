@@ -135,6 +135,15 @@ class DamagedClusterError(StoreIntegrityError):
         self.cluster = cluster
 
 
+class ReadWorkerError(StoreError):
+    """The process that reads and checks stored clusters ended unexpectedly (killed)."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        how = f"exit status {exitcode}" if exitcode is not None else "no exit status"
+        super().__init__(f"the process reading the store's clusters ended unexpectedly ({how})")
+        self.exitcode = exitcode
+
+
 class Qcow2WriteError(Qcow2Error):
     """Writing a qcow2 file failed in the operating system (disk full, I/O error, ...).
 

@@ -9,10 +9,10 @@ L2 table or a changed byte are all damage of that file.
 A damaged file damages every restore point whose chain includes it (for that disk), so the
 report maps each damaged file to all of them, not only to the point that wrote it.
 
-Reads are large and sequential in host-offset order (clusters are sorted by where they live in
-the file, and neighbours are mapped together and hashed in place), and a large file is split
-into guest ranges checked by several processes, so verification runs at close to the speed of
-reading the files once hashing is not the limit. `sample_percent` checks a random share of
+Stored clusters are re-read and checked by lbstore.readpipe (the one read-and-verify pipeline:
+large sequential reads in host order, hashed in place), and a large file is split into guest
+ranges checked by several processes, so verification runs at close to the speed of reading the
+files once hashing is not the limit. `sample_percent` checks a random share of
 the clusters for routine runs; the structural checks always cover the whole file.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import mmap
 import multiprocessing
 import os
 import random
@@ -34,14 +33,9 @@ from lbstore.checksums import CHUNK_CLUSTERS, cluster_digest
 from lbstore.errors import Qcow2Error, StoreError
 from lbstore.model import DiskRecord, RestorePoint, utc_iso
 from lbstore.qcow2.reader import Qcow2Image, RunKind
+from lbstore.readpipe import StoredCluster, check_clusters
 from lbstore.store import Store
 
-READ_SIZE = 16 << 20
-"""Bytes read per preadv: large enough for sequential throughput, small enough for memory."""
-READ_AHEAD_SPANS = 2
-"""Spans announced to the kernel (POSIX_FADV_WILLNEED) ahead of the one being hashed."""
-MAX_GAP = 256 << 10
-"""Clusters closer than this in the file are read together (the gap is read and ignored)."""
 MAX_WORKERS = 4
 """Processes that check files in parallel, at most (never more than the CPUs)."""
 PIECE_BYTES = 64 << 20
@@ -360,12 +354,11 @@ class _Checker:
         with image, _closing_fd(fd):
             if job.piece == 0:
                 _check_header(job, image, damage)
-            file_size = os.fstat(fd).st_size
             try:
                 digests = self._digests(job)
                 stored = _stored_clusters(image, *job.guest_range())
                 for batch in _batches(_joined(digests, stored, damage), CHUNK_CLUSTERS):
-                    self._check_batch(image, fd, self._sampled(batch), file_size, damage)
+                    self._check_batch(image, fd, self._sampled(batch), damage)
             except (Qcow2Error, OSError) as exc:
                 damage.add(f"mapping unreadable: {_reason(exc)}", 1)
         self.outcome.damage = damage if damage.problems else None
@@ -387,69 +380,20 @@ class _Checker:
         return [entry for entry in batch if self.rng.random() < self.share]
 
     def _check_batch(
-        self, image: Qcow2Image, fd: int, batch: list[_Entry], file_size: int, damage: FileDamage
+        self, image: Qcow2Image, fd: int, batch: list[_Entry], damage: FileDamage
     ) -> None:
-        """Re-read a batch of clusters in host order and compare their digests."""
+        """Re-read a batch of clusters (in host order, through lbstore.readpipe) and compare
+        their digests; compressed clusters are decompressed and compared here."""
         size = self.size = image.cluster_size
-        data = sorted((e for e in batch if e[1] >= 0), key=lambda e: e[1])
-        spans = list(_spans(data, size))
-        for index, span in enumerate(spans):
-            # Ask the kernel to read the following spans while this one is hashed.
-            for ahead in spans[index + 1 : index + 1 + READ_AHEAD_SPANS]:
-                _will_need(fd, ahead[0][1], ahead[-1][1] + size - ahead[0][1])
-            self._check_span(fd, span, size, file_size, damage)
+        stored = [StoredCluster(*e) for e in batch if e[1] >= 0]
+        for verdict in check_clusters(fd, stored, size):
+            self.outcome.clusters_checked += verdict.checked
+            self.outcome.bytes_checked += verdict.bytes_checked
+            for cluster, problem in verdict.bad:
+                damage.add(f"cluster {cluster} {problem}", 1)
         for cluster, _, digest in (e for e in batch if e[1] < 0):
             content = image.read(cluster * size, size)
-            content += bytes(size - len(content))
             self._compare(cluster, content, digest, damage)
-
-    def _check_span(
-        self, fd: int, span: list[_Entry], size: int, file_size: int, damage: FileDamage
-    ) -> None:
-        """Digest each cluster of `span` (sorted by host offset) where it lies in the file.
-
-        The span is mapped (mmap) and hashed in place: no copy out of the page cache, which
-        measured twice as fast as preadv into a buffer with the file cached, and no slower
-        cold. Only bytes before the end of the file are touched (a mapping past it would
-        fault); if the file cannot be mapped, the span is read into a buffer instead.
-        """
-        start = span[0][1]
-        end = min(span[-1][1] + size, file_size)
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        if end <= start:
-            self._check_clusters(span, memoryview(b""), start, file_size, damage)
-            return
-        try:
-            mapped = mmap.mmap(fd, end - base, offset=base, prot=mmap.PROT_READ)
-        except (OSError, ValueError):
-            view = memoryview(_read_buffer())[: end - start]
-            got = _pread_full(fd, view, start)
-            self._check_clusters(span, view[:got], start, file_size, damage)
-            return
-        with mapped:
-            view = memoryview(mapped)
-            try:
-                self._check_clusters(span, view[start - base :], start, file_size, damage)
-            finally:
-                view.release()
-
-    def _check_clusters(
-        self, span: list[_Entry], view: memoryview, start: int, file_size: int, damage: FileDamage
-    ) -> None:
-        """Compare each cluster of `span` held in `view` (file bytes from `start` on)."""
-        size = self.size
-        for cluster, host, digest in span:
-            at = host - start
-            if at + size > len(view):
-                damage.add(
-                    f"cluster {cluster} at host offset {host:#x} is past the end of the file "
-                    f"({file_size} bytes): truncated",
-                    1,
-                )
-                continue
-            part = view[at : at + size]
-            self._compare(cluster, part, digest, damage)
-            part.release()
 
     def _compare(
         self, cluster: int, content: bytes | memoryview, expected: bytes, damage: FileDamage
@@ -457,36 +401,7 @@ class _Checker:
         self.outcome.clusters_checked += 1
         self.outcome.bytes_checked += len(content)
         if cluster_digest(content, self.size) != expected:
-            damage.add(f"cluster {cluster}: checksum mismatch", 1)
-
-
-_buffer: bytearray | None = None
-
-
-def _read_buffer() -> bytearray:
-    """This process's read buffer, allocated once (not once per file: zeroing 16 MiB for
-    every small file of a deep chain costs more than reading it)."""
-    global _buffer
-    if _buffer is None:
-        _buffer = bytearray(READ_SIZE)
-    return _buffer
-
-
-def _will_need(fd: int, offset: int, length: int) -> None:
-    """Start asynchronous readahead of a range (a hint: errors do not matter)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-
-
-def _pread_full(fd: int, dest: memoryview, offset: int) -> int:
-    """Read into `dest` from `offset` until it is full or the file ends; returns bytes read."""
-    done = 0
-    while done < len(dest):
-        got = os.preadv(fd, [dest[done:]], offset + done)
-        if got == 0:
-            break
-        done += got
-    return done
+            damage.add(f"cluster {cluster} checksum mismatch", 1)
 
 
 @contextlib.contextmanager
@@ -495,20 +410,6 @@ def _closing_fd(fd: int) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _spans(entries: list[_Entry], size: int) -> Iterator[list[_Entry]]:
-    """Group clusters sorted by host offset into reads of at most READ_SIZE with small gaps."""
-    span: list[_Entry] = []
-    for entry in entries:
-        if span:
-            start, end = span[0][1], span[-1][1] + size
-            if entry[1] - end > MAX_GAP or entry[1] + size - start > READ_SIZE:
-                yield span
-                span = []
-        span.append(entry)
-    if span:
-        yield span
 
 
 def _batches(entries: Iterable[_Entry], count: int) -> Iterator[list[_Entry]]:
