@@ -4,7 +4,8 @@
 `qemu:dirty-bitmap:<name>` extents into cluster-aligned runs: data to read, or zeros to record
 without reading (a trimmed or zero-written cluster must read as zeros after restore).
 `pull` reads the data runs with several requests in flight (libnbd's aio_pread, a bounded
-queue) and hands every run, in offset order, to a sink: `sink(offset, length, data | ZERO)`.
+queue) and hands every run, in offset order, to a sink: `sink(offset, length, data | ZERO)`,
+the data lent without a copy (`Borrowed`).
 
 libnbd's API is synchronous here; the backup job runs `pull` in a worker thread.
 """
@@ -52,7 +53,7 @@ ZERO: Final = _Zero()
 """Stands for the data of a run that reads as zeros."""
 
 Sink = Callable[[int, int, Any], None]
-"""`sink(offset, length, data)`: data is bytes-like, `ZERO`, or `Borrowed` (borrow=True)."""
+"""`sink(offset, length, data)`: data is `Borrowed` or `ZERO`."""
 Extent = tuple[int, int, int]  # (offset, length, flags)
 
 
@@ -63,15 +64,6 @@ class Run:
     offset: int
     length: int
     zero: bool
-
-
-@dataclass
-class PullStats:
-    """What one pull did, for the job's summary."""
-
-    bytes_read: int = 0
-    bytes_zero: int = 0
-    requests: int = 0
 
 
 @dataclass(frozen=True)
@@ -271,8 +263,8 @@ class BufferPool:
 
 @dataclass(frozen=True, slots=True)
 class Borrowed:
-    """Data lent to the sink without a copy (`pull(..., borrow=True)`): `view` stays valid
-    until `release()` is called, after which its buffer is reused for another read."""
+    """Data lent to the sink without a copy: `view` stays valid until `release()` is called,
+    after which its buffer is reused for another read."""
 
     view: memoryview
     release: Callable[[], None]
@@ -290,26 +282,21 @@ class Puller:
         *,
         chunk: int = DEFAULT_CHUNK,
         depth: int = DEFAULT_DEPTH,
-        progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
-        borrow: bool = False,
     ) -> None:
         self.handle = handle
-        self.borrow = borrow
         self.export = export
         self.sink = sink
         self.chunk = chunk
         self.depth = depth
-        self.progress = progress
         self.stop = stop or threading.Event()
-        self.stats = PullStats()
         self._pending: collections.deque[tuple[int, nbd.Buffer, int, int, int]] = (
             collections.deque()
         )
         self._pool: BufferPool | None = None
         self._inflight = 0
 
-    def run(self, runs: list[Run], align: int, size: int) -> PullStats:
+    def run(self, runs: list[Run], align: int, size: int) -> None:
         """Read and deliver every run in offset order."""
         chunk = max(self.chunk // align, 1) * align
         self._pool = BufferPool(align, chunk, size)
@@ -319,8 +306,6 @@ class Puller:
                     self._drain()
                     self._check_stop()
                     self.sink(run.offset, run.length, ZERO)
-                    self.stats.bytes_zero += run.length
-                    self._progress(run.offset, run.length)
                     continue
                 for pos in range(run.offset, run.offset + run.length, chunk):
                     length = min(chunk, run.offset + run.length - pos)
@@ -335,15 +320,10 @@ class Puller:
             self._drain()
         except nbd.Error as exc:
             raise NbdError(self.export, str(exc.string or exc)) from exc
-        return self.stats
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
             raise PullCancelledError(self.export)
-
-    def _progress(self, offset: int, length: int) -> None:
-        if self.progress is not None:
-            self.progress(offset, length)
 
     def _submit(self, offset: int, length: int) -> None:
         self._check_stop()
@@ -353,7 +333,6 @@ class Puller:
         cookie = self.handle.aio_pread(buf, offset)
         self._pending.append((cookie, buf, offset, length, read))
         self._inflight += read
-        self.stats.requests += 1
 
     def _complete_oldest(self) -> None:
         cookie, buf, offset, length, read = self._pending[0]
@@ -364,15 +343,8 @@ class Puller:
         pool = self._pool
         assert pool is not None
         self._check_stop()
-        if self.borrow:
-            view = memoryview(buf.to_buffer())[:length]
-            self.sink(offset, length, Borrowed(view, lambda: pool.give(buf, read)))
-        else:
-            data = buf.to_bytearray()
-            pool.give(buf, read)
-            self.sink(offset, length, data if read == length else memoryview(data)[:length])
-        self.stats.bytes_read += length
-        self._progress(offset, length)
+        view = memoryview(buf.to_buffer())[:length]
+        self.sink(offset, length, Borrowed(view, lambda: pool.give(buf, read)))
 
     def _drain(self) -> None:
         while self._pending:
@@ -387,15 +359,13 @@ def pull(
     dirty_bitmap: str | None = None,
     chunk: int = DEFAULT_CHUNK,
     depth: int = DEFAULT_DEPTH,
-    progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
     on_plan: Callable[[list[Run]], None] | None = None,
-    borrow: bool = False,
-) -> PullStats:
+) -> None:
     """Pull one export into `sink`: the dirty clusters of `dirty_bitmap`, or the whole disk.
 
-    Data reaches the sink as a bytearray (or memoryview) of its own, or with `borrow=True` as
-    a `Borrowed` view of a read buffer that the sink must release (saves a copy per byte)."""
+    Data reaches the sink as a `Borrowed` view of a read buffer, which the sink must release
+    (no copy per byte); zeros as `ZERO`. `stop` cancels (PullCancelledError)."""
     contexts = [BASE_ALLOCATION]
     if dirty_bitmap:
         contexts.append(f"qemu:dirty-bitmap:{dirty_bitmap}")
@@ -410,16 +380,7 @@ def pull(
         runs = plan_runs(size, extents[BASE_ALLOCATION], dirty, align)
         if on_plan is not None:
             on_plan(runs)
-        puller = Puller(
-            handle,
-            source.export,
-            sink,
-            chunk=chunk,
-            depth=depth,
-            progress=progress,
-            stop=stop,
-            borrow=borrow,
-        )
-        return puller.run(runs, align, size)
+        puller = Puller(handle, source.export, sink, chunk=chunk, depth=depth, stop=stop)
+        puller.run(runs, align, size)
     finally:
         _close(handle)

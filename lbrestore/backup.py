@@ -527,7 +527,6 @@ async def _threaded_pull(
                 depth=options.depth,
                 stop=stop,
                 on_plan=handoff.put,
-                borrow=True,
             )
             batcher.flush()
             handoff.put(_DONE)

@@ -219,11 +219,13 @@ class Index:
             raise RuntimeError(f"restore point {point.point_id} is not pending")
         for disk in point.disks:
             self._insert_disk_rows(point, disk)
-        if point.definition is not None:
-            self._set_vm_definition(point.vm, point.definition)
 
     def _insert_disk_rows(self, point: CommitRecord, disk: CommitDisk) -> None:
-        """The file row, the disk's current size and the checksum chunks of one disk."""
+        """The file row and the checksum chunks of one disk.
+
+        The `disks` table and the definition columns of `vms` (from the initial schema) are
+        not written: nothing read them; a point's own row holds its definition and its disk
+        rows the sizes, and the newest point answers "the VM's current definition"."""
         self.db.execute(
             "INSERT INTO point_disks (point_id, disk, file, backing_point_id, mode, "
             "virtual_size, cluster_size, stored_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -238,12 +240,6 @@ class Index:
                 disk.stored_bytes,
             ],
         )
-        self.db.execute(
-            "INSERT INTO disks (vm, name, virtual_size, cluster_size) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (vm, name) DO UPDATE SET virtual_size = excluded.virtual_size, "
-            "cluster_size = excluded.cluster_size",
-            [point.vm, disk.name, disk.virtual_size, disk.cluster_size],
-        )
         for row in disk.checksums:
             self.db.execute(
                 "INSERT INTO checksums (point_id, disk, chunk, algorithm, cluster_runs, "
@@ -257,29 +253,6 @@ class Index:
                     row.digests,
                 ],
             )
-
-    def _set_vm_definition(self, vm: str, definition: dict[str, Any]) -> None:
-        """Keep the VM's latest definition, with its well-known fields in columns."""
-
-        def as_json(value: Any) -> str | None:
-            return None if value is None else json.dumps(value)
-
-        self.db.execute(
-            "UPDATE vms SET uuid = ?, machine = ?, memory_mib = ?, cpus = ?, disks = ?, "
-            "nics = ?, libvirt_xml = ?, definition = ?, updated = ? WHERE name = ?",
-            [
-                definition.get("uuid"),
-                definition.get("machine"),
-                definition.get("memory_mib"),
-                definition.get("cpus"),
-                as_json(definition.get("disks")),
-                as_json(definition.get("nics")),
-                definition.get("libvirt_xml"),
-                json.dumps(definition),
-                _now(),
-                vm,
-            ],
-        )
 
     def committed_points(self, vm: str | None = None) -> list[dict[str, Any]]:
         """Committed restore points (rows), oldest first; ties in time by id."""
@@ -347,11 +320,6 @@ class Index:
                 "SELECT DISTINCT vm FROM restore_points WHERE state = 'committed' ORDER BY vm"
             )
         ]
-
-    def vm_row(self, vm: str) -> dict[str, Any] | None:
-        """The VM's row (latest definition), or None."""
-        rows = list(self.db.query("SELECT * FROM vms WHERE name = ?", [vm]))
-        return rows[0] if rows else None
 
     # --- recovery -------------------------------------------------------------------------------
 
