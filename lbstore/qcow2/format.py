@@ -151,6 +151,19 @@ BitmapDirectoryEntry = Struct(
     "extra_data_size" / Int32ub,
 )
 
+BITMAP_TYPE_DIRTY_TRACKING = 1  # the only bitmap type
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BME_KNOWN_FLAGS = BME_FLAG_IN_USE | BME_FLAG_AUTO  # other flag bits are reserved
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_GRANULARITY_BITS = 31
+
+# "Bitmap table": one 64-bit entry per cluster of bitmap data.
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55: offset of the data cluster
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE  # bits 1-8 and 56-63 must be zero
+BME_TABLE_ENTRY_FLAG_ALL_ONES = 1 << 0  # no data cluster: the cluster reads as all ones
+BITMAP_TABLE_ENTRY_SIZE = 8
+
 # --- "Snapshots": snapshot table entry (fixed part; extra data, id and name follow) -----------
 
 SnapshotHeader = Struct(
@@ -166,12 +179,15 @@ SnapshotHeader = Struct(
 )
 
 QCOW_MAX_SNAPSHOTS = 65536  # QEMU's limit on nb_snapshots
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024  # QEMU's limit on a snapshot's extra_data_size
+SNAPSHOT_EXTRA_DATA_V3 = 16  # version 3: extra data holds at least vm_state_size_large, disk_size
 QCOW_MAX_L1_SIZE = 0x2000000  # QEMU's limit on the L1 table, in bytes (32 MiB)
 QCOW_MAX_REFTABLE_SIZE = 0x800000  # QEMU's limit on the refcount table, in bytes (8 MiB)
 
 # --- "Host cluster management": refcount table and blocks -------------------------------------
 
 REFCOUNT_TABLE_OFFSET_MASK = 0xFFFFFFFFFFFFFE00  # bits 9-63
+REFCOUNT_TABLE_RESERVED_MASK = 0x1FF  # bits 0-8 must be zero
 RefcountTableEntry = Int64ub
 # Refcount blocks hold cluster_size * 8 / 2**refcount_order big-endian unsigned entries of
 # 2**refcount_order bits each; 16-bit (the default) is the common case.
