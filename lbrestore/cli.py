@@ -24,7 +24,7 @@ DEFAULT_STORE = Path.home() / ".local" / "share" / "lbrestore"
 @click.option(
     "--store",
     "store_path",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),  # the store says why it cannot be used
     envvar="LBRESTORE_STORE",
     default=DEFAULT_STORE,
     show_default="$LBRESTORE_STORE or ~/.local/share/lbrestore",
@@ -36,6 +36,14 @@ def cli(ctx: click.Context, store_path: Path) -> None:
     ctx.obj = {"store_path": store_path}
 
 
+def one_line(exc: click.ClickException) -> str:
+    """Click's message in one line; a usage error points at the command's --help."""
+    message = " ".join(exc.format_message().split())
+    if isinstance(exc, click.UsageError) and exc.ctx is not None:
+        message += f" (see '{exc.ctx.command_path} --help')"
+    return message
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map known errors to one line and an exit code."""
     try:
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("lbrestore: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"lbrestore: {one_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KNOWN_ERRORS as exc:
         click.echo(f"lbrestore: {exc}", err=True)

@@ -19,14 +19,18 @@ import contextlib
 import functools
 import os
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from lbrestore.errors import AppError
+from lbrestore.restore_target import (
+    RestoreError,
+    RestoreTargetError,
+    StagedFolder,
+    check_target_folder,
+)
 from lbrestore.vmdef import HostDefinition, RestoredDisk, write_host_definition
 from lbstore.checksums import zero_digest
 from lbstore.errors import Qcow2Error
@@ -50,25 +54,8 @@ _ZEROS = bytes(1 << 20)
 NBD_IN_FLIGHT = 8
 NBD_MAX_ZERO = 1 << 30
 FORMATS = ("qcow2", "raw")
-TEMP_SUFFIX = ".lbrestore-partial"
 
 Progress = Callable[[int], None]
-
-
-class RestoreError(AppError):
-    """A restore cannot be done or failed; nothing partial is left behind."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
-
-
-class RestoreTargetError(RestoreError):
-    """The target (folder or NBD server) cannot take the restore."""
-
-    def __init__(self, target: str, problem: str) -> None:
-        super().__init__(f"restore target {target}: {problem}")
-        self.target = target
 
 
 class RestoreChecksumError(RestoreError):
@@ -169,7 +156,7 @@ class _RawSink:
     def __init__(self, path: Path, virtual_size: int) -> None:
         self.path = path
         self.fd: int | None = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
         os.ftruncate(self.fd, virtual_size)
 
@@ -537,19 +524,6 @@ def ordered_disks(point: RestorePoint, only: Sequence[str] | None = None) -> lis
     return ordered
 
 
-def check_target_folder(target: Path, *, force: bool) -> None:
-    """Refuse a target that is not a folder, or a folder with files in it unless `force`."""
-    if target.exists() and not target.is_dir():
-        raise RestoreTargetError(str(target), "exists and is not a folder")
-    if target.is_dir() and not force:
-        entries = sorted(p.name for p in target.iterdir())
-        if entries:
-            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise RestoreTargetError(
-                str(target), f"folder is not empty ({shown}); use --force to restore into it"
-            )
-
-
 def restore_to_folder(
     store: Store,
     point: RestorePoint,
@@ -562,90 +536,63 @@ def restore_to_folder(
     progress: Progress | None = None,
     verify: bool = True,
 ) -> RestoreResult:
-    """Restore `point`'s disks into `target` as standalone images plus the VM definition."""
+    """Restore `point`'s disks into `target` as standalone images plus the VM definition.
+
+    The whole set is written into a stage folder beside `target` and switched in at the end
+    (lbrestore.restore_target): the target holds the old set or the new one, never a mix.
+    """
     if fmt not in FORMATS:
         raise RestoreError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     new_name = check_vm_name(name or point.vm)
     names = ordered_disks(point, disks)
-    target = target.absolute()
-    check_target_folder(target, force=force)
-    created = not target.exists()
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RestoreTargetError(str(target), exc.strerror or str(exc)) from exc
+    final = check_target_folder(target, force=force, store=store.path)
+    stage = StagedFolder(final)
     result = RestoreResult(point)
-    temps: list[tuple[Path, Path]] = []
     try:
-        _write_disks(store, point, target, fmt, names, result, temps, progress, verify)
+        stage.create()
+        _write_disks(store, point, stage.path, final, fmt, names, result, progress, verify)
         restored = [RestoredDisk(d.name, Path(d.target), fmt, d.virtual_size) for d in result.disks]
-        result.definition = write_host_definition(
-            point.definition, restored, target, name=new_name, file_suffix=TEMP_SUFFIX
-        )
-        temps.append(_temp_pair(result.definition.script_path))
-        if result.definition.libvirt_xml_path is not None:
-            temps.append(_temp_pair(result.definition.libvirt_xml_path))
-        for temp, final in temps:
-            os.replace(temp, final)
-        _fsync_dir(target)
+        definition = write_host_definition(point.definition, restored, stage.path, name=new_name)
+        result.definition = definition.moved_to(final)
+        written = {d.name + "." + fmt for d in result.disks} | {
+            p.name for p in (definition.script_path, definition.libvirt_xml_path) if p is not None
+        }
+        stage.commit(written, force=force)
     except BaseException as exc:
-        for temp, _ in temps:
-            temp.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(target, ignore_errors=True)
+        stage.abort()
         if isinstance(exc, OSError):
             raise RestoreTargetError(str(target), exc.strerror or str(exc)) from exc
         raise
     return result
 
 
-def _temp_pair(final: Path) -> tuple[Path, Path]:
-    return final.with_name(final.name + TEMP_SUFFIX), final
-
-
 def _write_disks(
     store: Store,
     point: RestorePoint,
-    target: Path,
+    stage: Path,
+    final: Path,
     fmt: str,
     names: Sequence[str],
     result: RestoreResult,
-    temps: list[tuple[Path, Path]],
     progress: Progress | None,
     verify: bool,
 ) -> None:
-    """Flatten each disk to a temporary file in `target`, remembering (temp, final) pairs."""
+    """Flatten each disk into the stage folder; results name their final place."""
     for disk in names:
-        final = target / f"{disk}.{fmt}"
-        temp, _ = _temp_pair(final)
-        temp.unlink(missing_ok=True)  # a leftover of an earlier failed run, never a real file
-        temps.append((temp, final))
+        path = stage / f"{disk}.{fmt}"
         record = point.disk(disk)
         assert record is not None
         sink: _Sink
         if fmt == "qcow2":
-            sink = _Qcow2Sink(temp, record.virtual_size, record.cluster_size)
+            sink = _Qcow2Sink(path, record.virtual_size, record.cluster_size)
         else:
-            sink = _RawSink(temp, record.virtual_size)
+            sink = _RawSink(path, record.virtual_size)
         disk_result = flatten_disk(store, point, disk, sink, progress, verify=verify)
-        disk_result.target, disk_result.format = str(final), fmt
+        disk_result.target, disk_result.format = str(final / path.name), fmt
         result.disks.append(disk_result)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- restore to an NBD server ------------------------------------------------------------------
-
-
-def is_nbd_uri(target: str) -> bool:
-    """True when `target` names an NBD server rather than a folder."""
-    return target.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
 
 
 class _NbdSink:

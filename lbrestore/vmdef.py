@@ -13,6 +13,8 @@ libvirt. Missing facts (memory unknown, say) are left to QEMU's defaults, never 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import secrets
 import shlex
 import uuid as uuid_module
@@ -76,6 +78,15 @@ class HostDefinition:
             "notes": self.notes,
         }
 
+    def moved_to(self, folder: Path) -> HostDefinition:
+        """The same definition with its files in `folder` (written in a stage folder first)."""
+        xml = self.libvirt_xml_path
+        return dataclasses.replace(
+            self,
+            script_path=folder / self.script_path.name,
+            libvirt_xml_path=folder / xml.name if xml is not None else None,
+        )
+
 
 def new_mac() -> str:
     """A random MAC address under QEMU's 52:54:00 prefix."""
@@ -128,14 +139,22 @@ def write_host_definition(
         libvirt_xml_path=None,
     )
     script = qemu_script(definition, disks, host)
-    script_file = out_dir / f"start-{name}.sh{file_suffix}"
-    script_file.write_text(script)
-    script_file.chmod(0o755)
+    _write_private(out_dir / f"start-{name}.sh{file_suffix}", script, 0o700)
     xml = domain_xml(definition, disks, host)
     if xml is not None:
         host.libvirt_xml_path = out_dir / f"{name}.xml"
-        (out_dir / f"{name}.xml{file_suffix}").write_text(xml)
+        _write_private(out_dir / f"{name}.xml{file_suffix}", xml, 0o600)
     return host
+
+
+def _write_private(path: Path, text: str, mode: int) -> None:
+    """Write a new file readable by its owner only (it names the restored disks), durably."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        os.fchmod(fd, mode)
+        file.write(text)
+        file.flush()
+        os.fsync(fd)
 
 
 def domain_xml(

@@ -38,6 +38,7 @@ from lbstore.errors import (
 from lbstore.index import CommitDisk, CommitRecord
 from lbstore.model import COMPARING_MODES, DISK_MODES, RestorePoint, as_utc, parse_utc
 from lbstore.names import check_disk_name
+from lbstore.private import COMMITTED_FILE_MODE, PRIVATE_DIR_MODE
 from lbstore.qcow2.writer import Qcow2Writer
 from lbstore.view import ChainView
 
@@ -284,7 +285,7 @@ class Ingest:
             raise _as_store_error(exc, store.path) from exc
         ingest = cls(store, vm, point_id, moment, definition)
         try:
-            ingest.tmp_dir.mkdir(parents=True)
+            ingest.tmp_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
         except OSError as exc:
             ingest.abort()
             raise _as_store_error(exc, store.path) from exc
@@ -441,7 +442,7 @@ class Ingest:
             target = self.store.data_dir / relative
             _make_dirs(target.parent, self.store.data_dir)
             source = self.tmp_dir / f"{disk.name}.qcow2"
-            os.chmod(source, 0o444)
+            os.chmod(source, COMMITTED_FILE_MODE)
             os.rename(source, target)
             renamed.append(target)
             disks.append(disk._commit_record(relative))
@@ -513,7 +514,7 @@ def _make_dirs(folder: Path, root: Path) -> None:
         missing.append(current)
         current = current.parent
     for path in reversed(missing):
-        path.mkdir()
+        path.mkdir(mode=PRIVATE_DIR_MODE)
         _fsync_dir(path.parent)
 
 

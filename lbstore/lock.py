@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lbstore.errors import StoreBusyError, StorePathError
+from lbstore.private import open_private_file
 
 POLL_INTERVAL = 0.05
 
@@ -45,11 +46,15 @@ class StoreLock:
     def acquire(self, timeout: float, purpose: str | None = None) -> None:
         """Take the lock, waiting up to `timeout` seconds; StoreBusyError names the holder."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_private_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             if exc.errno == errno.EROFS:
                 raise StorePathError(
                     self.path.parent, "the store is on a read-only filesystem"
+                ) from exc
+            if exc.errno == errno.ELOOP:
+                raise StorePathError(
+                    self.path.parent, f"{self.path.name} is a symbolic link: refused"
                 ) from exc
             raise StorePathError(
                 self.path.parent, f"cannot open lock file: {exc.strerror}"

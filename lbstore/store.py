@@ -14,6 +14,7 @@ Writing a restore point lives in lbstore.ingest, reading one in lbstore.view.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -41,6 +42,7 @@ from lbstore.ingest import Ingest
 from lbstore.lock import StoreLock
 from lbstore.model import DiskRecord, RestorePoint, parse_utc
 from lbstore.names import check_disk_name, check_vm_name, is_valid_name
+from lbstore.private import create_private_file, make_private_dir, tighten_store
 from lbstore.view import ChainView
 
 __all__ = ["DiskRecord", "RestorePoint", "Store"]
@@ -53,6 +55,17 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def os_errors(root: Path) -> Iterator[None]:
+    """Turn an OSError met while looking at the store's folders (a folder at mode 000, a
+    store under another user's private folder) into one StorePathError naming the path."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or root
+        raise StorePathError(where, exc.strerror or str(exc)) from exc
 
 
 def _point_from_rows(row: dict[str, Any], disk_rows: list[dict[str, Any]]) -> RestorePoint:
@@ -100,15 +113,19 @@ class Store(Closing):
     def init(cls, path: str | os.PathLike[str]) -> None:
         """Create the store layout and index at `path` (idempotent for an existing store)."""
         root = Path(path)
-        if root.exists() and not root.is_dir():
-            raise StorePathError(root, "exists and is not a folder")
-        if root.is_dir() and not (root / INDEX_NAME).exists() and any(root.iterdir()):
-            raise StorePathError(root, "folder is not empty and holds no store")
+        with os_errors(root):
+            if root.exists() and not root.is_dir():
+                raise StorePathError(root, "exists and is not a folder")
+            if root.is_dir() and not (root / INDEX_NAME).exists() and any(root.iterdir()):
+                raise StorePathError(root, "folder is not empty and holds no store")
         try:
+            root.parent.mkdir(parents=True, exist_ok=True)
             for folder in (root, root / "data", root / "tmp"):
-                folder.mkdir(parents=True, exist_ok=True)
-            (root / "lock").touch(exist_ok=True)
+                make_private_dir(folder)
+            create_private_file(root / "lock")
+            create_private_file(root / INDEX_NAME)  # SQLite gives -wal and -shm its mode
             Index.create(root / INDEX_NAME).close()
+            tighten_store(root)
             fsync_dir(root)
         except OSError as exc:
             raise StorePathError(root, f"cannot create the store: {exc.strerror or exc}") from exc
@@ -124,10 +141,11 @@ class Store(Closing):
     ) -> Store:
         """Open a store; for writing take the lock (waiting up to `lock_timeout`) and recover."""
         root = Path(path)
-        if root.exists() and not root.is_dir():
-            raise StorePathError(root, "exists and is not a folder")
-        if not (root / INDEX_NAME).is_file():
-            raise StoreNotFoundError(root)
+        with os_errors(root):
+            if root.exists() and not root.is_dir():
+                raise StorePathError(root, "exists and is not a folder")
+            if not (root / INDEX_NAME).is_file():
+                raise StoreNotFoundError(root)
         if not write:
             return cls(root, _open_index_for_reading(root), write=False, lock=None)
         lock = StoreLock(root / "lock")
@@ -144,7 +162,9 @@ class Store(Closing):
             raise
         store = cls(root, index, write=True, lock=lock)
         try:
-            store._recover()
+            store._make_private()
+            with os_errors(root):
+                store._recover()
         except BaseException:
             store.close()
             raise
@@ -161,10 +181,21 @@ class Store(Closing):
 
     # --- recovery -------------------------------------------------------------------------------
 
+    def _make_private(self) -> None:
+        """Take group and other permissions away from a store made before stores were private."""
+        try:
+            changed = tighten_store(self.path)
+        except OSError as exc:
+            raise StorePathError(self.path, f"cannot make the store private: {exc}") from exc
+        if changed:
+            self._index.record_event(
+                None, "private", f"removed group/other permissions from {changed} entries"
+            )
+
     def _recover(self) -> None:
         """Remove what uncommitted points left behind, then cross-check index and data/."""
-        self.data_dir.mkdir(exist_ok=True)
-        self.tmp_dir.mkdir(exist_ok=True)
+        make_private_dir(self.data_dir)
+        make_private_dir(self.tmp_dir)
         if self._lock is not None and self._lock.stale_holder is not None:
             self._index.record_event(
                 None,

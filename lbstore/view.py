@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lbstore.closing import Closing
 from lbstore.errors import Qcow2Error, StoreIntegrityError
-from lbstore.qcow2.reader import Qcow2Image, RawImage, Run, RunKind
+from lbstore.qcow2.reader import Qcow2Image, Run, RunKind
 
 CACHED_RANGES = 64
 
@@ -53,6 +53,32 @@ class _Segment:
     host: int  # file offset of `start` for DATA, else 0
 
 
+def check_backing_name(image: Qcow2Image, expected: Path | None) -> None:
+    """Refuse `image` unless its header names `expected` (the index's next file) as its backing
+    file, relative to its own folder, in qcow2 format; or names none when `expected` is None.
+
+    Only strings are compared: nothing the header names is opened or stat'ed.
+    """
+    name = image.backing_file
+    if expected is None:
+        if name is not None:
+            raise StoreIntegrityError(
+                image.path, f"the header names backing file {name!r}; the index names none"
+            )
+        return
+    wanted = os.path.relpath(expected, image.path.parent)
+    if name != wanted:
+        raise StoreIntegrityError(
+            image.path,
+            f"the header names backing file {name!r}, not {wanted!r} as the index says "
+            "(refused without opening it)",
+        )
+    if image.backing_format not in (None, "qcow2"):
+        raise StoreIntegrityError(
+            image.path, f"backing format {image.backing_format!r} (store files are qcow2)"
+        )
+
+
 class ChainView(Closing):
     """A read-only view of one disk at one restore point, through its chain of files."""
 
@@ -67,27 +93,25 @@ class ChainView(Closing):
 
     @classmethod
     def open(cls, layers: Sequence[tuple[int, Path]]) -> ChainView:
-        """Open the chain given as (point id, path), top first; the files must agree."""
-        top_path = layers[0][1]
-        image = Qcow2Image.open(top_path, max_chain_depth=len(layers))
+        """Open the chain given as (point id, path), top first, as the index describes it.
+
+        Each file is opened alone; its header's backing name must name the next file of
+        `layers`, relative to its own folder, before that file is opened. A tampered header
+        (an absolute name, `..`, another file) is refused without opening or even looking at
+        the file it names: only paths taken from the index are ever opened.
+        """
         images: list[Qcow2Image] = []
-        current: Qcow2Image | RawImage | None = image
         try:
-            while isinstance(current, Qcow2Image):
-                images.append(current)
-                current = current.backing
-            expected = [path for _, path in layers]
-            actual = [img.path for img in images]
-            if (
-                current is not None
-                or len(actual) != len(expected)
-                or not all(os.path.samefile(a, e) for a, e in zip(actual, expected, strict=True))
-            ):
-                raise StoreIntegrityError(
-                    top_path, "the file's backing chain does not match the index"
-                )
+            for position, (_, path) in enumerate(layers):
+                image = Qcow2Image.open(path, backing=False)
+                if images:
+                    images[-1].backing = image
+                images.append(image)
+                following = layers[position + 1][1] if position + 1 < len(layers) else None
+                check_backing_name(image, following)
         except BaseException:
-            image.close()
+            if images:
+                images[0].close()
             raise
         return cls(layers, images)
 

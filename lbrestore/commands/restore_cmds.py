@@ -24,12 +24,11 @@ from lbrestore.errors import UsageError
 from lbrestore.restore import (
     FORMATS,
     RestoreResult,
-    check_target_folder,
-    is_nbd_uri,
     ordered_disks,
     restore_to_folder,
     restore_to_nbd,
 )
+from lbrestore.restore_target import check_target_folder, is_nbd_uri
 from lbstore.model import RestorePoint
 from lbstore.names import check_vm_name
 from lbstore.store import Store
@@ -109,8 +108,9 @@ def restore_command(
     if is_nbd_uri(target):
         if new_name is not None or force or fmt != "qcow2":
             raise UsageError("--name, --force and --format apply to folder targets only")
-    else:
-        check_target_folder(Path(target), force=force)
+    else:  # refused before the store is opened, and again by restore_to_folder
+        store_path = click.get_current_context().find_root().obj["store_path"]
+        check_target_folder(Path(target), force=force, store=store_path)
     result = _run_restore(
         address=address,
         target=target,
@@ -300,7 +300,13 @@ def _bytes_to_check(
 
 
 def _boot(store: Store, point: RestorePoint, options: dict[str, Any]) -> BootResult:
-    """Boot the point's disks (chain top files, under -snapshot) and watch for the marker."""
+    """Boot the point's disks (chain top files, under -snapshot) and watch for the marker.
+
+    QEMU follows the files' backing names itself: each chain is opened through a view first,
+    which refuses a header naming anything but the index's files before QEMU sees it.
+    """
+    for name in ordered_disks(point):
+        store.view(point, name).close()
     definition = point.definition or {}
     captured = {d.get("name"): d for d in definition.get("disks") or []}
     disks = [

@@ -282,7 +282,7 @@ class Qcow2Writer:
         self.stored_bytes = 0
         with self._os_errors("cannot create the file"):
             self._fd: int | None = os.open(
-                self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+                self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
             )
         self._direct_fd = _open_direct(self.path) if direct else None
         self._direct_writers: ThreadPoolExecutor | None = None
