@@ -103,16 +103,31 @@ def point_metadata(point: RestorePoint) -> dict[str, Any]:
 
 
 def open_point_tree(
-    store: Store, point: RestorePoint, stack: ExitStack, *, cache_disks: bool = False
+    store: Store,
+    point: RestorePoint,
+    stack: ExitStack,
+    *,
+    cache_disks: bool = False,
+    verify: bool = True,
 ) -> ReadOnlyTree:
-    """Open a view of every disk of `point` (closed by `stack`) and build the mounted tree."""
+    """Open views of every disk of `point` (closed by `stack`) and build the mounted tree.
+
+    With `verify` (the default) every read is checked against the index (lbstore.integrity:
+    the clusters each file maps, and each cluster's digest): a damaged cluster reads as EIO,
+    is logged and recorded in the store's events, instead of returning wrong bytes.
+    """
+    from lbstore.integrity import damage_reporter, verified_views
+
     sources = {}
+    report = damage_reporter(store, point.vm)
     for disk in point.disks:
-        views = []
-        for _ in range(VIEWS_PER_DISK):
-            view = store.view(point, disk.name)
+        views: Sequence[_View]
+        if verify:
+            views = verified_views(store, point, disk.name, VIEWS_PER_DISK, report)
+        else:
+            views = [store.view(point, disk.name) for _ in range(VIEWS_PER_DISK)]
+        for view in views:
             stack.callback(view.close)
-            views.append(view)
         sources[disk.name] = ViewSource(views)
     vm_json = json.dumps(point_metadata(point), indent=2).encode() + b"\n"
     return build_restore_point_tree(
@@ -149,14 +164,16 @@ def serve_point(
     *,
     remove_after: bool,
     kernel_cache: bool = False,
+    verify: bool = True,
 ) -> None:
     """Mount `point` at `mountpoint` and serve it until unmounted (or SIGINT/SIGTERM/SIGHUP).
 
     With `remove_after`, the mountpoint folder is removed when serving ends, also on failure.
-    `kernel_cache`: whether the kernel caches disk and partition files (see lbfuse.mount).
+    `kernel_cache`: whether the kernel caches disk and partition files (see lbfuse.mount);
+    `verify`: whether reads are checked against the index (see open_point_tree).
     """
     server.serve_in_foreground(
-        lambda stack: open_point_tree(store, point, stack, cache_disks=kernel_cache),
+        lambda stack: open_point_tree(store, point, stack, cache_disks=kernel_cache, verify=verify),
         mountpoint,
         label=mount_label(point),
         remove_after=remove_after,
@@ -171,6 +188,7 @@ def start_background_mount(
     *,
     remove_after: bool,
     kernel_cache: bool = False,
+    verify: bool = True,
 ) -> int:
     """Start a process serving `point` (`lbrestore mount ... --foreground`) and return its pid
     once the mount is ready; on failure nothing is left (lbfuse.server.start_background)."""
@@ -181,4 +199,6 @@ def start_background_mount(
     ]  # fmt: skip
     if remove_after:
         command.append("--remove-mountpoint")
+    if not verify:
+        command.append("--no-verify")
     return server.start_background(command, mountpoint, remove_after=remove_after)

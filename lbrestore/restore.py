@@ -34,6 +34,7 @@ from lbrestore.restore_target import (
 from lbrestore.vmdef import HostDefinition, RestoredDisk, write_host_definition
 from lbstore.checksums import zero_digest
 from lbstore.errors import Qcow2Error
+from lbstore.integrity import StoredSetCheck
 from lbstore.model import RestorePoint
 from lbstore.names import check_vm_name
 from lbstore.qcow2.writer import Qcow2Writer
@@ -280,10 +281,16 @@ class _Submitter:
             yield item  # type: ignore[misc]
 
     def _walk_all(self) -> None:
+        check = self.flattener.set_check
         try:
             for item in _walk(self.flattener.view):
                 if self.stopping.is_set():
                     return
+                if check is not None:  # what each file maps is what the index lists
+                    if isinstance(item, _Batch):
+                        check.check_range(item.start, item.end - item.start)
+                    else:
+                        check.check_range(*item)
                 if isinstance(item, _Batch):
                     item.slot = self.free.get()
                     if self.stopping.is_set() or item.slot < 0:
@@ -320,6 +327,7 @@ class _Flattener:
         self.zero_cluster = bytes(self.size)
         self.result = DiskResult(disk, "", "", view.virtual_size)
         self.verify = verify
+        self.set_check = StoredSetCheck(store, point, disk, view) if verify else None
 
     def run(self, sink: _Sink, progress: Progress | None) -> None:
         """Copy the whole disk into `sink`, in guest order: a thread walks the view and sends

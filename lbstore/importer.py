@@ -73,11 +73,14 @@ def import_images(
     *,
     created: datetime | None = None,
     progress: Progress | None = None,
+    full: bool = False,
 ) -> RestorePoint:
     """Store `images` (disk name -> image path) as one restore point of `vm`.
 
     Everything is checked (names, images) before the store is touched, so bad input leaves the
-    store as it was.
+    store as it was. Each disk is compared with the VM's newest point (only differing clusters
+    are stored, on top of that point's chain) unless `full`; a previous chain that reads
+    damaged is never built on (lbstore.ingest: a new full chain starts).
     """
     for name in images:
         check_disk_name(name)
@@ -89,7 +92,8 @@ def import_images(
             opened[name] = image
         with store.begin(vm, created=created) as ingest:
             for name, image in opened.items():
-                disk = ingest.add_disk(name, image.virtual_size, mode="compare")
+                mode = "full" if full else "compare"
+                disk = ingest.add_disk(name, image.virtual_size, mode=mode)
                 _copy(image, disk, progress)
             return ingest.commit()
     raise AssertionError("unreachable")  # pragma: no cover - the with-block returns

@@ -36,6 +36,7 @@ from lbstore.errors import (
     StoreSpaceError,
 )
 from lbstore.index import CommitDisk, CommitRecord
+from lbstore.integrity import check_chain
 from lbstore.model import COMPARING_MODES, DISK_MODES, RestorePoint, as_utc, parse_utc
 from lbstore.names import check_disk_name
 from lbstore.private import COMMITTED_FILE_MODE, PRIVATE_DIR_MODE
@@ -347,31 +348,51 @@ class Ingest:
     def _previous_view(
         self, name: str, mode: str, previous: dict[str, Any] | None
     ) -> ChainView | None:
-        """The previous point's view of the disk, checking its chain can be read.
+        """The previous point's view of the disk, checking its chain reads intact.
 
-        A broken chain (a file missing or damaged) cannot carry an incremental: the caller
-        sent only changes, so that is an error. A resync sends everything: it starts a full.
+        Intact: every file opens, its backing name and geometry are what the index says, and
+        it maps exactly the clusters the index lists for its point (lbstore.integrity; no
+        data is read: that is verify's job). A new point is never built on a chain that
+        reads damaged. An incremental cannot go anywhere else (the caller sent only changes),
+        so that is an error; a compare (import) or resync sends everything: it starts a new
+        full chain, and the event log says why.
         """
         if previous is None:
             return None
         try:
             point = self.store.point(previous["point_id"])
-            return self.store.view(point, name)
+            view = self.store.view(point, name)
         except StoreError as exc:
-            if mode == "incremental":
-                raise StoreIntegrityError(
-                    self.store.data_dir / previous["file"],
-                    f"the chain of disk {name} cannot be read ({exc}); "
-                    "an incremental cannot go on it: back up with a resync or a full",
-                ) from exc
-            self.store.record_event(
-                self.vm,
-                "chain-broken",
-                f"disk {name}: previous chain unreadable, storing a full file",
-                disk=name,
-                error=str(exc),
-            )
+            self._broken_chain(name, mode, previous, exc)
             return None
+        try:
+            check_chain(self.store, point, name, view)
+        except StoreError as exc:
+            view.close()
+            self._broken_chain(name, mode, previous, exc)
+            return None
+        except BaseException:
+            view.close()
+            raise
+        return view
+
+    def _broken_chain(
+        self, name: str, mode: str, previous: dict[str, Any], exc: StoreError
+    ) -> None:
+        """Refuse an incremental on a damaged chain; record that anything else starts a full."""
+        if mode == "incremental":
+            raise StoreIntegrityError(
+                self.store.data_dir / previous["file"],
+                f"the chain of disk {name} reads damaged ({exc}); an incremental cannot go "
+                "on it: back up with a resync or --full",
+            ) from exc
+        self.store.record_event(
+            self.vm,
+            "chain-broken",
+            f"disk {name}: previous chain reads damaged, storing a full file",
+            disk=name,
+            error=str(exc),
+        )
 
     def _make_disk(
         self,

@@ -103,7 +103,7 @@ class Store(Closing):
         self._index = index
         self._lock = lock
         self._ingest: Ingest | None = None
-        self._rows_lock = threading.Lock()
+        self._index_lock = threading.Lock()
         self.problems: list[str] = []
         """Disagreements between index and data/ found when opened (also logged as events)."""
 
@@ -333,7 +333,7 @@ class Store(Closing):
         check_disk_name(disk)
         self.file_path(point, disk)
         if first == 0 and stop is None:
-            with self._rows_lock:
+            with self._index_lock:
                 rows = self._index.checksum_rows(point.id, disk)
             where = f"{point.vm}@#{point.id} disk {disk}"
             for row in rows:
@@ -356,7 +356,7 @@ class Store(Closing):
         """One chunk of the digests stored for `point_id`'s own file of `disk` (decoded and
         checked: an unknown algorithm or a damaged row raises ChecksumRowError), or None when
         the file stores no cluster in that chunk. Safe to call from any thread."""
-        with self._rows_lock:
+        with self._index_lock:
             row = self._index.checksum_row(point_id, disk, chunk)
         return None if row is None else decode_row(row, f"#{point_id} disk {disk}")
 
@@ -392,7 +392,8 @@ class Store(Closing):
         if self._index.readonly:
             raise ReadOnlyStoreError("recording an event")
         point_id = details.pop("point_id", None)
-        self._index.record_event(vm, kind, message, point_id=point_id, details=details)
+        with self._index_lock:  # a mount reports damage from its FUSE threads
+            self._index.record_event(vm, kind, message, point_id=point_id, details=details)
 
     def begin(
         self,

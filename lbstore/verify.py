@@ -31,8 +31,9 @@ from pathlib import Path
 from lbstore.chain import disk_chain
 from lbstore.checksums import CHUNK_CLUSTERS, cluster_digest
 from lbstore.errors import Qcow2Error, StoreError
+from lbstore.integrity import mapped_clusters
 from lbstore.model import DiskRecord, RestorePoint, utc_iso
-from lbstore.qcow2.reader import Qcow2Image, RunKind
+from lbstore.qcow2.reader import Qcow2Image
 from lbstore.readpipe import StoredCluster, check_clusters
 from lbstore.store import Store
 
@@ -356,7 +357,7 @@ class _Checker:
                 _check_header(job, image, damage)
             try:
                 digests = self._digests(job)
-                stored = _stored_clusters(image, *job.guest_range())
+                stored = mapped_clusters(image, *job.guest_range())
                 for batch in _batches(_joined(digests, stored, damage), CHUNK_CLUSTERS):
                     self._check_batch(image, fd, self._sampled(batch), damage)
             except (Qcow2Error, OSError) as exc:
@@ -452,23 +453,6 @@ def _joined(
 
 def _missing(damage: FileDamage, cluster: int) -> None:
     damage.add(f"cluster {cluster} has a checksum but the file does not store it", 1)
-
-
-def _stored_clusters(image: Qcow2Image, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """(guest cluster, host offset or -1 if compressed) of the clusters the file stores in
-    guest bytes [start, end) (cluster-aligned)."""
-    size = image.cluster_size
-    for run in image.runs(start, end - start):
-        if run.kind is RunKind.DATA:
-            assert run.host_offset is not None
-            first = run.guest_offset // size
-            base = run.host_offset - (run.guest_offset - first * size)
-            for index in range(-(-run.length // size)):
-                yield first + index, base + index * size
-        elif run.kind is RunKind.COMPRESSED:
-            first = run.guest_offset // size
-            for index in range(-(-run.length // size)):
-                yield first + index, -1
 
 
 def _reason(exc: BaseException) -> str:

@@ -126,6 +126,11 @@ class ChainView(Closing):
         """Number of files in the chain."""
         return len(self._point_ids)
 
+    def layers(self) -> list[tuple[int, Qcow2Image]]:
+        """(point id, opened file) of every file of the chain, top first (lbstore-internal:
+        integrity checks read each file's own mapping)."""
+        return list(zip(self._point_ids, self._images, strict=True))
+
     @property
     def paths(self) -> list[Path]:
         """The chain's files, top first."""

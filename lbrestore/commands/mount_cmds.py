@@ -26,6 +26,12 @@ from lbstore.store import Store
     help="Whether the kernel caches disk and partition files: cached files allow mmap and "
     "fast repeated reads; streamed ones (the default) read large ranges faster.",
 )
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Do not check reads against the index's checksums (a damaged cluster then returns "
+    "its wrong bytes instead of an I/O error).",
+)
 @click.option("--remove-mountpoint", is_flag=True, hidden=True)
 @with_store()
 def mount_command(
@@ -34,6 +40,7 @@ def mount_command(
     mountpoint: Path | None,
     foreground: bool,
     kernel_cache: bool,
+    no_verify: bool,
     remove_mountpoint: bool,
 ) -> None:
     """Mount a restore point read-only at MOUNTPOINT.
@@ -47,6 +54,9 @@ def mount_command(
     the kernel caches already) and cannot be mmap()ed; --kernel-cache caches them a second
     time (and raises the mount's readahead when run as root).
 
+    Every read is checked against the index (the clusters each file stores and their
+    checksums): a damaged cluster reads as an I/O error (EIO), logged in the store's events.
+
     SPEC: latest, #ID, N{s,m,h,d,w}-ago or an ISO-8601 time.
     """
     point = store.resolve(address)
@@ -58,11 +68,21 @@ def mount_command(
     if foreground:
         click.echo(str(mountpoint))
         mounting.serve_point(
-            store, point, mountpoint, remove_after=remove_after, kernel_cache=kernel_cache
+            store,
+            point,
+            mountpoint,
+            remove_after=remove_after,
+            kernel_cache=kernel_cache,
+            verify=not no_verify,
         )
         return
     mounting.start_background_mount(
-        store.path, point, mountpoint, remove_after=remove_after, kernel_cache=kernel_cache
+        store.path,
+        point,
+        mountpoint,
+        remove_after=remove_after,
+        kernel_cache=kernel_cache,
+        verify=not no_verify,
     )
     click.echo(str(mountpoint))
 

@@ -217,12 +217,22 @@ def _parse_at(text: str | None) -> datetime | None:
     help="A disk of the VM and the raw or qcow2 image holding it (repeatable).",
 )
 @click.option("--at", "at", metavar="ISO-TIME", help="The restore point's time (default: now).")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Store full files (a new chain) instead of the clusters that differ from the newest "
+    "restore point.",
+)
 @click.pass_context
-def import_command(ctx: click.Context, vm: str, disks: tuple[str, ...], at: str | None) -> None:
+def import_command(
+    ctx: click.Context, vm: str, disks: tuple[str, ...], at: str | None, full: bool
+) -> None:
     """Store existing raw or qcow2 images as a restore point of VM.
 
     The VM's first import stores full files; later imports store only the clusters that differ
-    from the newest restore point (a resync), building an incremental chain.
+    from the newest restore point (a resync), building an incremental chain. A previous chain
+    that reads damaged (files that do not map what the index lists) is never built on: a new
+    full chain starts, and the store's events say why.
     """
     check_vm_name(vm)
     images = _parse_disks(disks)
@@ -231,12 +241,17 @@ def import_command(ctx: click.Context, vm: str, disks: tuple[str, ...], at: str 
     for path in images.values():  # refuse bad images before taking the store's lock
         with open_import_image(path) as image:
             total += image.virtual_size
-    _run_import(vm=vm, images=images, created=created, total=total)
+    _run_import(vm=vm, images=images, created=created, total=total, full=full)
 
 
 @with_store(write=True)
 def _run_import(
-    store: Store, vm: str, images: dict[str, Path], created: datetime | None, total: int
+    store: Store,
+    vm: str,
+    images: dict[str, Path],
+    created: datetime | None,
+    total: int,
+    full: bool,
 ) -> None:
     if is_terminal():
         from rich.progress import Progress
@@ -244,10 +259,15 @@ def _run_import(
         with Progress(transient=True) as bar:
             task = bar.add_task(f"importing {vm}", total=total)
             point = import_images(
-                store, vm, images, created=created, progress=lambda n: bar.advance(task, n)
+                store,
+                vm,
+                images,
+                created=created,
+                progress=lambda n: bar.advance(task, n),
+                full=full,
             )
     else:
-        point = import_images(store, vm, images, created=created)
+        point = import_images(store, vm, images, created=created, full=full)
     sizes = ", ".join(
         f"{d.name} {format_size(d.virtual_size)} (stored {format_size(d.stored_bytes)})"
         for d in point.disks
