@@ -13,23 +13,142 @@ returns `ChecksumRow`s as they are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlite_utils import Database, Migrations
+if TYPE_CHECKING:
+    from sqlite_utils import Database
 
 from lbstore.checksums import DIGEST_SIZE, ChecksumRow
 from lbstore.model import utc_iso
 
 INDEX_NAME = "index.sqlite"
 
-migrations = Migrations("lbstore")
+
+class IndexDb:
+    """The index's connection: `execute`, `query`, `atomic` and `close`, as sqlite_utils'
+    `Database` offers them, over a connection in autocommit mode.
+
+    Why not `Database` itself: importing sqlite_utils (dateutil, pluggy...) costs several
+    times what a `list` spends on its SQL. It is loaded only to apply pending migrations.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> sqlite3.Cursor:
+        """Run one statement (committed at once unless inside `atomic`)."""
+        return self.conn.execute(sql, parameters if parameters is not None else ())
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> Iterator[dict[str, Any]]:
+        """The rows of a SELECT as dicts keyed by column name."""
+        cursor = self.conn.execute(sql, params if params is not None else ())
+        keys = [column[0] for column in cursor.description or ()]
+        return (dict(zip(keys, row, strict=True)) for row in cursor)
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[IndexDb]:
+        """One transaction (a savepoint when nested): committed on success, else rolled back."""
+        if self.conn.in_transaction:
+            self.conn.execute("SAVEPOINT lbstore_atomic")
+            try:
+                yield self
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK TO SAVEPOINT lbstore_atomic")
+                    self.conn.execute("RELEASE SAVEPOINT lbstore_atomic")
+                raise
+            self.conn.execute("RELEASE SAVEPOINT lbstore_atomic")
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield self
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    """A row of sqlite_utils' `_sqlite_migrations` table for this set."""
+
+    name: str
+    applied_at: str
+
+
+class MigrationSet:
+    """The schema's steps, registered like `sqlite_utils.Migrations` (`@migrations(name=...)`)
+    and applied by it; this registry only answers "what is pending" without loading it."""
+
+    table = "_sqlite_migrations"  # sqlite_utils.Migrations.migrations_table
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps: list[tuple[str, Callable[[Database], None], bool]] = []
+
+    def __call__(
+        self, *, name: str | None = None, transactional: bool = True
+    ) -> Callable[[Callable[[Database], None]], Callable[[Database], None]]:
+        """Register a migration step (the decorator of sqlite_utils.Migrations)."""
+
+        def register(step: Callable[[Database], None]) -> Callable[[Database], None]:
+            step_name = name or step.__name__
+            if any(known == step_name for known, _, _ in self.steps):
+                raise ValueError(f"migration {step_name!r} is registered twice")
+            self.steps.append((step_name, step, transactional))
+            return step
+
+        return register
+
+    def applied(self, db: IndexDb) -> list[AppliedMigration]:
+        """This set's applied migrations, in the order they were applied."""
+        exists = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [self.table]
+        ).fetchone()
+        if exists is None:
+            return []
+        rows = db.execute(
+            f"SELECT name, applied_at FROM {self.table} WHERE migration_set = ? ORDER BY rowid",
+            [self.name],
+        )
+        return [AppliedMigration(name, applied_at) for name, applied_at in rows]
+
+    def pending(self, db: IndexDb) -> list[str]:
+        """Names of the registered migrations not applied yet."""
+        done = {migration.name for migration in self.applied(db)}
+        return [name for name, _, _ in self.steps if name not in done]
+
+    def apply(self, db: IndexDb) -> None:
+        """Apply the pending migrations with sqlite_utils.Migrations (loaded only then)."""
+        if not self.pending(db):
+            return
+        from sqlite_utils import Database, Migrations
+
+        runner = Migrations(self.name)
+        for name, step, transactional in self.steps:
+            runner(name=name, transactional=transactional)(step)
+        runner.apply(Database(db.conn))
+
+
+migrations = MigrationSet("lbstore")
 
 
 @migrations(name="0001_initial")
@@ -137,7 +256,7 @@ def _connect(path: Path, *, readonly: bool, immutable: bool = False) -> sqlite3.
 class Index:
     """The SQLite index of one store. Methods are named for what they mean, not for SQL."""
 
-    def __init__(self, db: Database, *, readonly: bool) -> None:
+    def __init__(self, db: IndexDb, *, readonly: bool) -> None:
         self.db = db
         self.readonly = readonly
 
@@ -164,7 +283,7 @@ class Index:
         that may log events open read-write with `migrate=False`.
         """
         conn = _connect(path, readonly=readonly, immutable=immutable)
-        db = Database(conn)
+        db = IndexDb(conn)
         db.execute("PRAGMA foreign_keys = ON")
         if not readonly and migrate:
             db.execute("PRAGMA journal_mode = WAL")

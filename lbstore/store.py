@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbstore.chain import disk_chain, parse_address, select_point
 from lbstore.checksums import CHUNK_CLUSTERS, ChecksumChunk, DigestLookup, decode_row
@@ -38,12 +38,14 @@ from lbstore.errors import (
     StorePathError,
 )
 from lbstore.index import INDEX_NAME, Index
-from lbstore.ingest import Ingest
 from lbstore.lock import StoreLock
 from lbstore.model import DiskRecord, RestorePoint, parse_utc
 from lbstore.names import check_disk_name, check_vm_name, is_valid_name
 from lbstore.private import create_private_file, make_private_dir, tighten_store
-from lbstore.view import ChainView
+
+if TYPE_CHECKING:  # loaded when first used: `list`, `info` and the like never read or write data
+    from lbstore.ingest import Ingest
+    from lbstore.view import ChainView
 
 __all__ = ["DiskRecord", "RestorePoint", "Store"]
 
@@ -323,6 +325,8 @@ class Store(Closing):
         for _, path in layers:
             if not path.is_file():
                 raise StoreIntegrityError(path, "a file of this restore point's chain is missing")
+        from lbstore.view import ChainView
+
         return ChainView.open(layers)
 
     def stored_clusters(
@@ -407,6 +411,8 @@ class Store(Closing):
             raise ReadOnlyStoreError("writing a restore point")
         if self._ingest is not None:
             raise StoreError("another restore point is being written in this store session")
+        from lbstore.ingest import Ingest
+
         self._ingest = Ingest.begin(self, check_vm_name(vm), created, definition)
         return self._ingest
 

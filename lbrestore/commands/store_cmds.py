@@ -19,7 +19,6 @@ from lbrestore.commands._common import (
 )
 from lbrestore.errors import UsageError
 from lbstore.errors import StoreError
-from lbstore.importer import import_images, open_import_image
 from lbstore.model import RestorePoint, as_utc
 from lbstore.names import check_disk_name, check_vm_name
 from lbstore.store import Store
@@ -234,6 +233,8 @@ def import_command(
     that reads damaged (files that do not map what the index lists) is never built on: a new
     full chain starts, and the store's events say why.
     """
+    from lbstore.importer import open_import_image  # the writer's modules: not for `list`
+
     check_vm_name(vm)
     images = _parse_disks(disks)
     created = _parse_at(at)
@@ -253,6 +254,8 @@ def _run_import(
     total: int,
     full: bool,
 ) -> None:
+    from lbstore.importer import import_images
+
     if is_terminal():
         from rich.progress import Progress
 

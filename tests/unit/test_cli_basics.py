@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,22 @@ def test_a_store_command_does_not_load_qemu_or_fuse_code() -> None:
         "try:\n    main(['list', '--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lbqemu', 'lbfuse', 'mfusepy')"
         " and m not in ('lbqemu', 'lbfuse', 'lbqemu.errors', 'lbfuse.errors')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_list_loads_neither_the_data_path_nor_sqlite_utils(tmp_path: Path) -> None:
+    """`list` reads only the index: no qcow2 code (construct), no ingest, no sqlite_utils."""
+    store = tmp_path / "store"
+    assert run_cli("--store", str(store), "init").returncode == 0
+    probe = (
+        "import sys; from lbrestore.cli import main\n"
+        f"try:\n    main(['--store', {str(store)!r}, 'list'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ('sqlite_utils', 'construct', 'lbstore.ingest', 'lbstore.qcow2', 'asyncio')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True

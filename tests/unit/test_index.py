@@ -141,3 +141,41 @@ def test_the_definition_is_kept_with_its_point_and_only_there(index: Index) -> N
     vm = index.db.execute("SELECT uuid, cpus, definition FROM vms WHERE name = 'vm1'").fetchone()
     assert tuple(vm) == (None, None, None)
     assert index.row_counts()["disks"] == 0
+
+
+def test_atomic_units_commit_or_roll_back_whole_and_nest(index: Index) -> None:
+    db = index.db
+    with pytest.raises(RuntimeError), db.atomic():
+        db.execute("INSERT INTO store (key, value) VALUES ('a', '1')")
+        raise RuntimeError("undo")
+    with db.atomic():
+        db.execute("INSERT INTO store (key, value) VALUES ('b', '2')")
+        with pytest.raises(RuntimeError), db.atomic():
+            db.execute("INSERT INTO store (key, value) VALUES ('c', '3')")
+            raise RuntimeError("undo the inner unit only")
+    rows = list(db.query("SELECT key, value FROM store WHERE key IN ('a', 'b', 'c')"))
+    assert rows == [{"key": "b", "value": "2"}]
+    assert not db.conn.in_transaction
+
+
+def test_a_new_migration_is_pending_for_readers_and_applied_by_the_writer(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "index.sqlite"
+    Index.create(path).close()
+
+    @migrations(name="9999_test_only")
+    def _add_table(db) -> None:  # type: ignore[no-untyped-def]
+        db.execute("CREATE TABLE test_only (x INTEGER)")
+
+    try:
+        reader = Index.open(path, readonly=True)
+        assert not reader.schema_is_current()
+        reader.close()
+        writer = Index.open(path, readonly=False)
+        assert writer.schema_is_current()
+        assert [m.name for m in migrations.applied(writer.db)][-1] == "9999_test_only"
+        assert writer.db.execute("SELECT COUNT(*) FROM test_only").fetchone()[0] == 0
+        writer.close()
+    finally:
+        migrations.steps.pop()
