@@ -224,17 +224,31 @@ async def rollback(session: QmpSession, plans: list[DiskPlan]) -> BitmapOutcome:
 
 
 async def finalize(session: QmpSession, plans: list[DiskPlan]) -> BitmapOutcome:
-    """After the store committed: delete each old bitmap (the new one now stands for the point)."""
+    """After the store committed: delete each old bitmap (the new one now stands for the point).
+
+    All disks in one transaction (one round trip); if that fails (e.g. one bitmap is gone
+    already), disk by disk, so every other old bitmap is still deleted."""
     outcome = BitmapOutcome()
-    for plan in plans:
-        if not plan.old_bitmap:
-            continue
+    actions = {
+        plan.disk.name: {
+            "type": "block-dirty-bitmap-remove",
+            "data": _node(plan, name=plan.old_bitmap),
+        }
+        for plan in plans
+        if plan.old_bitmap
+    }
+    if not actions:
+        return outcome
+    try:
+        await session.transaction(list(actions.values()))
+        return outcome
+    except QmpCommandError:
+        pass
+    for disk, action in actions.items():
         try:
-            await session.execute(
-                "block-dirty-bitmap-remove", {"node": plan.disk.node_name, "name": plan.old_bitmap}
-            )
+            await session.transaction([action])
         except QmpCommandError as exc:
-            outcome.problems.append(f"{plan.disk.name}: old bitmap not deleted: {exc}")
+            outcome.problems.append(f"{disk}: old bitmap not deleted: {exc}")
     return outcome
 
 

@@ -355,7 +355,8 @@ async def remove_leftovers(session: QmpSession) -> list[str]:
             async with session.job_watch(job_id) as watch:
                 await watch.cancel(timeout=JOB_TIMEOUT)
             removed.append(f"job {job_id}")
-    nodes = await session.execute("query-named-block-nodes", {"flat": True})
+    if removed:  # the usual case, nothing left over, asks QEMU once per kind of thing
+        nodes = await session.execute("query-named-block-nodes", {"flat": True})
     # Format nodes first: each holds its file node.
     for prefix in ("lbr-fl", "lbr-fs"):
         for node in nodes:
@@ -373,8 +374,7 @@ async def remove_leftovers(session: QmpSession) -> list[str]:
         if str(obj.get("name", "")).startswith("lbr-")
         and str(obj.get("type", "")).startswith("child<")
     ]
-    remaining = await session.execute("query-block-exports")
-    if (removed or objects) and not remaining:
+    if (removed or objects) and not await session.execute("query-block-exports"):
         with contextlib.suppress(QmpCommandError):
             await session.execute("nbd-server-stop")
     for name in objects:  # TLS credentials, once the server that used them is gone

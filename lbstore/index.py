@@ -43,11 +43,15 @@ class IndexDb:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
-    def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> sqlite3.Cursor:
+    def execute(
+        self, sql: str, parameters: Sequence[Any] | dict[str, Any] | None = None
+    ) -> sqlite3.Cursor:
         """Run one statement (committed at once unless inside `atomic`)."""
         return self.conn.execute(sql, parameters if parameters is not None else ())
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> Iterator[dict[str, Any]]:
+    def query(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The rows of a SELECT as dicts keyed by column name."""
         cursor = self.conn.execute(sql, params if params is not None else ())
         keys = [column[0] for column in cursor.description or ()]
