@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from lbstore.errors import AddressError, InvalidNameError
+from lbstore.errors import AddressError, AddressSpecError, InvalidNameError
 from lbstore.model import RestorePoint, as_utc
 from lbstore.names import check_vm_name
 
-_ID_SPEC = re.compile(r"#(\d{1,18})")
-_AGO_SPEC = re.compile(r"(\d{1,9})([smhdw])-ago")
+# ASCII only: a str pattern's \d also matches other scripts' digits (fullwidth, Arabic-Indic),
+# which int() would take.
+_ID_SPEC = re.compile(r"#(\d{1,18})", re.ASCII)
+_AGO_SPEC = re.compile(r"(\d{1,9})([smhdw])-ago", re.ASCII)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 SPEC_HELP = "use latest, #ID, N{s,m,h,d,w}-ago (e.g. 2h-ago) or an ISO-8601 time"
 
@@ -63,7 +65,7 @@ def parse_address(address: str, now: datetime) -> Address:
     try:
         check_vm_name(vm)
     except InvalidNameError as exc:
-        raise AddressError(address, str(exc)) from None
+        raise AddressSpecError(address, str(exc)) from None
     if not sep:
         return Address(address, vm, Latest())
     return Address(address, vm, parse_spec(address, spec, now))
@@ -80,19 +82,24 @@ def parse_spec(address: str, spec: str, now: datetime) -> Selector:
         try:
             return AtOrBefore(as_utc(now) - timedelta(**{_UNITS[unit]: amount}))
         except OverflowError:
-            raise AddressError(address, f"{spec!r} reaches before the year 1") from None
+            raise AddressSpecError(address, f"{spec!r} reaches before the year 1") from None
     return AtOrBefore(_parse_instant(address, spec))
 
 
 def _parse_instant(address: str, spec: str) -> datetime:
     """An ISO-8601 time; one without a zone is UTC. Anything else is garbage."""
-    if not spec or not spec[0].isdigit():
-        raise AddressError(address, f"unknown restore point spec {spec!r}: {SPEC_HELP}")
+    if not spec or not spec.isascii() or not spec[0].isdigit():
+        raise AddressSpecError(address, f"unknown restore point spec {spec!r}: {SPEC_HELP}")
     try:
         moment = datetime.fromisoformat(spec)
     except ValueError:
-        raise AddressError(address, f"unknown restore point spec {spec!r}: {SPEC_HELP}") from None
-    return as_utc(moment)
+        raise AddressSpecError(
+            address, f"unknown restore point spec {spec!r}: {SPEC_HELP}"
+        ) from None
+    try:
+        return as_utc(moment)
+    except OverflowError:  # 9999-12-31T23:59:59-12:00 is past the year 9999 in UTC
+        raise AddressSpecError(address, f"{spec!r} is outside the years 1 to 9999 in UTC") from None
 
 
 def select_point(address: Address, points: Sequence[RestorePoint]) -> RestorePoint:

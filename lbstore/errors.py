@@ -68,7 +68,10 @@ class ReadOnlyStoreError(StoreError):
 
 
 class InvalidNameError(StoreError):
-    """A VM or disk name does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}; refused before any path."""
+    """A VM or disk name does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}; refused before any path
+    (a usage error, exit code 2)."""
+
+    exit_code = 2
 
     def __init__(self, what: str, name: str) -> None:
         shown = name if len(name) <= 70 else name[:67] + "..."
@@ -87,6 +90,12 @@ class AddressError(StoreError):
         super().__init__(f"{address!r}: {problem}")
         self.address = address
         self.problem = problem
+
+
+class AddressSpecError(AddressError):
+    """A VM@SPEC address is malformed (a usage error, exit code 2), not merely unmatched."""
+
+    exit_code = 2
 
 
 class IngestError(StoreError):

@@ -70,6 +70,14 @@ def os_errors(root: Path) -> Iterator[None]:
         raise StorePathError(where, exc.strerror or str(exc)) from exc
 
 
+def _file_problem(path: Path) -> str | None:
+    """None for a committed file that is there, else what is wrong with it (for messages)."""
+    try:
+        return None if path.is_file() else "missing file"
+    except OSError as exc:  # e.g. its folder at mode 000
+        return f"unreadable ({exc.strerror}):"
+
+
 def _point_from_rows(row: dict[str, Any], disk_rows: list[dict[str, Any]]) -> RestorePoint:
     disks = tuple(
         DiskRecord(
@@ -246,9 +254,9 @@ class Store(Closing):
         """(VM, problem) for every disagreement between the index and data/."""
         known = {row["file"] for row in self._index.point_disks()}
         problems = [
-            (f.split("/", 1)[0], f"missing file data/{f}")
+            (f.split("/", 1)[0], f"{problem} data/{f}")
             for f in sorted(known)
-            if not (self.data_dir / f).is_file()
+            if (problem := _file_problem(self.data_dir / f)) is not None
         ]
         if self.data_dir.is_dir():
             for path in sorted(self.data_dir.glob("*/*/*.qcow2")):
@@ -322,9 +330,12 @@ class Store(Closing):
         """A read view of `disk` at `point` across its chain (close it, or use `with`)."""
         self.file_path(point, disk)
         layers = [(p.id, self.file_path(p, disk)) for p in self.chain(point, disk)]
-        for _, path in layers:
-            if not path.is_file():
-                raise StoreIntegrityError(path, "a file of this restore point's chain is missing")
+        with os_errors(self.path):  # a folder of data/ at mode 000: one line, not a traceback
+            for _, path in layers:
+                if not path.is_file():
+                    raise StoreIntegrityError(
+                        path, "a file of this restore point's chain is missing"
+                    )
         from lbstore.view import ChainView
 
         return ChainView.open(layers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -30,9 +31,22 @@ def lock_timeout() -> float:
         value = float(raw)
     except ValueError:
         raise UsageError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise UsageError(f"{LOCK_TIMEOUT_ENV} must not be negative")
+    if not math.isfinite(value) or value < 0:  # nan would wait forever, inf as well
+        raise UsageError(f"{LOCK_TIMEOUT_ENV}={raw!r}: expected a finite number of seconds >= 0")
     return value
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option within bounds that also refuses nan and inf (which pass FloatRange:
+    every comparison with nan is false) before they reach code that needs a number."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def with_store(*, write: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,14 +13,58 @@ import click
 from lbqemu.nbd import Run
 from lbrestore.backup import BackupHooks, BackupOptions, BackupSummary, run_backup
 from lbrestore.commands._common import (
+    FiniteFloat,
     echo_json,
     format_size,
     is_terminal,
     json_option,
     with_store,
 )
+from lbrestore.errors import UsageError
 from lbstore.names import check_vm_name
 from lbstore.store import Store
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _warn_qmp_tcp(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """QMP has no authentication: over TCP, whoever reaches the port controls the VM."""
+    if value.startswith("tcp:"):
+        click.echo(
+            f"lbrestore: warning: QMP over TCP ({value}) has no authentication or encryption: "
+            "anyone who can reach it controls the VM; prefer unix:PATH",
+            err=True,
+        )
+    return value
+
+
+def _check_scratch_dir(
+    ctx: click.Context, param: click.Parameter, value: Path | None
+) -> Path | None:
+    """A scratch folder where files can really be created (not /proc, /sys, a read-only
+    mount), refused before the store is opened or QEMU is touched."""
+    if value is None:
+        return None
+    try:
+        with tempfile.TemporaryFile(dir=value, prefix=".lbrestore-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"--scratch-dir {value}: cannot create files there ({exc.strerror or exc})"
+        ) from None
+    return value
+
+
+def _warn_insecure_nbd(nbd: str | None, insecure_tcp: bool) -> None:
+    if not insecure_tcp or nbd is None or not nbd.startswith("tcp:"):
+        return
+    host = nbd[4:].rpartition(":")[0]
+    where = "on every interface" if host in WILDCARD_HOSTS else f"on {host}"
+    click.echo(
+        f"lbrestore: warning: --insecure-tcp: the disks are exported over NBD {where} without "
+        "TLS or authentication: anyone who can reach it reads them, unencrypted",
+        err=True,
+    )
 
 
 @contextmanager
@@ -83,11 +128,16 @@ def _print_summary(summary: BackupSummary) -> None:
 @click.command("backup")
 @click.argument("vm")
 @click.option(
-    "--qmp", "qmp", required=True, metavar="unix:PATH|tcp:HOST:PORT", help="QEMU's QMP socket."
+    "--qmp",
+    "qmp",
+    required=True,
+    metavar="unix:PATH|tcp:HOST:PORT",
+    callback=_warn_qmp_tcp,
+    help="QEMU's QMP socket (tcp: has no authentication: a warning is printed).",
 )
 @click.option(
     "--connect-timeout",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=10.0,
     show_default=True,
     help="Seconds to keep retrying the QMP connection (QEMU may still be starting).",
@@ -107,7 +157,7 @@ def _print_summary(summary: BackupSummary) -> None:
 )
 @click.option(
     "--qga-timeout",
-    type=float,
+    type=FiniteFloat(min=0, min_open=True),
     default=10.0,
     show_default=True,
     help="Seconds to wait for the guest agent.",
@@ -130,6 +180,7 @@ def _print_summary(summary: BackupSummary) -> None:
 @click.option(
     "--scratch-dir",
     type=click.Path(file_okay=False, path_type=Path),
+    callback=_check_scratch_dir,
     help="Where the fleecing scratch files go (QEMU must be able to write there).",
 )
 @json_option
@@ -155,6 +206,7 @@ def backup_command(
     restore point (QEMU's persistent dirty bitmaps). When a bitmap cannot be trusted (QEMU
     crashed, disk resized, ...) the disk is resynced: read whole, only changed clusters stored.
     """
+    _warn_insecure_nbd(nbd, insecure_tcp)
     options = BackupOptions(
         vm=check_vm_name(vm),
         qmp=qmp,

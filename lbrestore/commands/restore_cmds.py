@@ -19,7 +19,14 @@ from lbrestore.boottest import (
     boot_test,
     compile_marker,
 )
-from lbrestore.commands._common import echo_json, format_size, is_terminal, json_option, with_store
+from lbrestore.commands._common import (
+    FiniteFloat,
+    echo_json,
+    format_size,
+    is_terminal,
+    json_option,
+    with_store,
+)
 from lbrestore.errors import UsageError
 from lbrestore.restore import (
     FORMATS,
@@ -187,14 +194,14 @@ def _print_restore(result: RestoreResult) -> None:
 @click.option(
     "--sample",
     "sample_percent",
-    type=click.FloatRange(0, 100, min_open=True),
+    type=FiniteFloat(0, 100, min_open=True),
     metavar="PERCENT",
     help="Check a random share of the stored clusters (structure is always checked in full).",
 )
 @click.option("--boot", is_flag=True, help="Also boot the restore point in a throwaway QEMU.")
 @click.option(
     "--boot-timeout",
-    type=click.FloatRange(0, min_open=True),
+    type=FiniteFloat(0, min_open=True),
     default=DEFAULT_BOOT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",

@@ -94,10 +94,15 @@ def _file_info(
         "stored_bytes": record.stored_bytes,
         "checksummed_clusters": state["clusters"],
     }
-    if not path.is_file():
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError as exc:
+        info.update(exists=None, file_bytes=None, checksum_state=f"unreadable: {exc.strerror}")
+        return info
+    if size is None:
         info.update(exists=False, file_bytes=None, checksum_state="file missing")
         return info
-    info.update(exists=True, file_bytes=path.stat().st_size)
+    info.update(exists=True, file_bytes=size)
     stored = None if own_clusters is None else own_clusters.get(point.id)
     if stored is None:
         info["checksum_state"] = "chain unreadable"
@@ -203,6 +208,8 @@ def _parse_at(text: str | None) -> datetime | None:
         return as_utc(datetime.fromisoformat(text))
     except ValueError:
         raise UsageError(f"--at {text!r}: not an ISO-8601 time (e.g. 2026-11-27T10:00)") from None
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the year 1 in UTC
+        raise UsageError(f"--at {text!r}: outside the years 1 to 9999 in UTC") from None
 
 
 @click.command("import")

@@ -71,9 +71,9 @@ def test_invalid_names(store_with_point: tuple[Path, bytes], tmp_path: Path, nam
     store, digest = store_with_point
     image = tmp_path / "base.raw"
     result = lbrestore(store, "import", name, "--disk", f"vda={image}")
-    assert_one_clear_line(result, 1, "invalid VM name")
+    assert_one_clear_line(result, 2, "invalid VM name")  # a usage error (issue 8)
     result = lbrestore(store, "import", "vm1", "--disk", f"{name}={image}")
-    assert result.returncode in (1, 2)
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert "disk" in result.stderr or "NAME=IMAGE" in result.stderr
     assert_intact(store, digest)

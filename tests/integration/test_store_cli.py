@@ -105,7 +105,7 @@ def test_info_of_nothing_is_one_line(tmp_path: Path) -> None:
     )
     assert lbrestore(store, "list").returncode == 0
     result = lbrestore(store, "info", "vm1@soon")
-    assert result.returncode == 1 and "unknown restore point spec" in result.stderr
+    assert result.returncode == 2 and "unknown restore point spec" in result.stderr  # usage
 
 
 def test_info_reports_a_missing_file_and_import_starts_a_new_chain(tmp_path: Path) -> None:
