@@ -132,7 +132,14 @@ class ReadHashWorker:
             name="lbstore-read-hash",
             daemon=True,
         )
-        self._process.start()
+        # SIGINT stays blocked across the fork: a Ctrl-C arriving before the child ignores it
+        # would print a KeyboardInterrupt traceback from the child's start-up. The parent
+        # takes a pending one as soon as it unblocks.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_requests.close()
         child_answers.close()  # the child's end: EOF here once the child is gone
 
@@ -188,7 +195,8 @@ def _serve(
     Ctrl-C reaches the whole process group: the parent handles it (and ends this child), so
     the child ignores SIGINT instead of printing a traceback of its own.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards one pending since the fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     for end in parent_ends:  # inherited copies: without them, a dead parent means EOF here
         end.close()
     view = memoryview(memory)
