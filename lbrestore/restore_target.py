@@ -108,8 +108,17 @@ def check_target_folder(target: Path, *, force: bool, store: Path | None = None)
         if resolved.exists() and not resolved.is_dir():
             raise RestoreTargetError(str(target), "exists and is not a folder")
         entries = sorted(resolved.iterdir()) if resolved.is_dir() else []
+        mount = resolved.is_dir() and os.path.ismount(resolved)
     except OSError as exc:
         raise RestoreTargetError(str(target), exc.strerror or str(exc)) from exc
+    if mount:  # a fresh ext4 file system holds lost+found: still an empty target
+        entries = [e for e in entries if e.name != "lost+found"]
+        if entries and force:
+            raise RestoreTargetError(
+                str(target),
+                "is a mount point holding files: it cannot be switched whole; "
+                "restore into a new folder inside it",
+            )
     if entries and not force:
         shown = ", ".join(p.name for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise RestoreTargetError(
@@ -144,14 +153,17 @@ class StagedFolder:
         """Name the stage of `target` (a resolved path); `create` makes it. Named first so
         that an interrupt at any instant of the creation finds it to remove (`abort`)."""
         self.target = target
-        self.path = target.parent / (_stage_prefix(target.name) + secrets.token_hex(6))
+        # A mount point cannot be renamed: its (empty) stage is a folder inside it instead.
+        self.inside = target.is_dir() and os.path.ismount(target)
+        self.parent = target if self.inside else target.parent
+        self.path = self.parent / (_stage_prefix(target.name) + secrets.token_hex(6))
         self._fd: int | None = None
 
     def create(self) -> None:
         """Make the stage: private (0700), flock'ed, beside the target."""
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_stages(self.target.parent, self.target.name)
+            self.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_stages(self.parent, self.target.name)
             os.mkdir(self.path, 0o700)
             self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -161,6 +173,9 @@ class StagedFolder:
     def commit(self, names: set[str], *, force: bool) -> None:
         """Switch the stage (holding the files `names`) in as `target`, then drop the old set."""
         os.fsync(self._fd)  # type: ignore[arg-type]
+        if self.inside:
+            self._move_out(names)
+            return
         if not os.path.lexists(self.target):
             try:
                 _renameat2(self.path, self.target, _RENAME_NOREPLACE)
@@ -174,6 +189,13 @@ class StagedFolder:
         carried = self._carry_over(names)
         self._exchange()
         self._drop_old_set(names | carried)
+        self._done()
+
+    def _move_out(self, names: set[str]) -> None:
+        """Into an empty mount point: file by file, never replacing one, the start script last
+        (so a killed restore that left no start script is recognisably incomplete)."""
+        for name in sorted(names, key=lambda n: n.startswith("start-")):
+            _renameat2(self.path / name, self.target / name, _RENAME_NOREPLACE)
         self._done()
 
     def _carry_over(self, names: set[str]) -> set[str]:
@@ -220,7 +242,7 @@ class StagedFolder:
                     _renameat2(Path(entry.path), self.target / entry.name, _RENAME_NOREPLACE)
 
     def _done(self) -> None:
-        _fsync_dir(self.target.parent)
+        _fsync_dir(self.parent)
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
         self._close()

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures.tmpfs import mounted_tmpfs
 from restore_store import KnownStore, build_store, compare
-from safety_helpers import OpenWatch, assert_one_line, cli
+from safety_helpers import OpenWatch, assert_one_line, cli, needs_root
 
 IN_CREATE = 0x100
 IN_MOVED_FROM = 0x040
@@ -307,3 +308,24 @@ def test_ctrl_c_during_restore_exits_130_with_one_line_and_cleans_up(
         assert [p.name for p in tmp_path.iterdir() if ".lbrestore-" in p.name] == []
         interrupted_runs += 1
     assert interrupted_runs >= 1
+
+
+@needs_root
+def test_restore_into_an_empty_mount_point_writes_on_that_file_system(
+    known: KnownStore, tmp_path: Path
+) -> None:
+    """A mount point cannot be renamed: the set is staged inside it (on its own file system,
+    not the parent's) and moved into place; one holding files is refused with --force."""
+    with mounted_tmpfs(tmp_path / "disk", "64m") as mountpoint:
+        (mountpoint / "lost+found").mkdir()
+        done = cli(known.path, "restore", "vm1@latest", "--to", str(mountpoint))
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in mountpoint.iterdir()) == [
+            "lost+found", "start-vm1.sh", "vda.qcow2", "vdb.qcow2", "vm1.xml"
+        ]  # fmt: skip
+        point = known.point_ids[-1]
+        assert compare(mountpoint / "vda.qcow2", known.expected[(point, "vda")]).returncode == 0
+        assert (mountpoint / "vda.qcow2").stat().st_dev == mountpoint.stat().st_dev
+        again = cli(known.path, "restore", "vm1@latest", "--to", str(mountpoint), "--force")
+        assert_one_line(again, 1, "mount point")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]  # no stage beside it
