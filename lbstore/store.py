@@ -324,6 +324,18 @@ class Store(Closing):
         if record is None:
             names = ", ".join(d.name for d in point.disks) or "none"
             raise StoreError(f"{point.vm}@#{point.id} has no disk {disk!r} (disks: {names})")
+        parts = record.file.split("/")
+        if (
+            len(parts) != 3
+            or parts[:2] != [point.vm, disk]
+            or not parts[2].endswith(".qcow2")
+            or not is_valid_name(parts[2])
+        ):  # an index naming a file elsewhere is refused before that name becomes a path
+            raise StoreIntegrityError(
+                f"data/{record.file}",
+                f"the index names a file outside data/{point.vm}/{disk}/ for "
+                f"{point.vm}@#{point.id}: refused",
+            )
         return self.data_dir / record.file
 
     def view(self, point: RestorePoint, disk: str) -> ChainView:

@@ -15,6 +15,7 @@ import os
 import select
 import shutil
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -329,3 +330,24 @@ def test_restore_into_an_empty_mount_point_writes_on_that_file_system(
         again = cli(known.path, "restore", "vm1@latest", "--to", str(mountpoint), "--force")
         assert_one_line(again, 1, "mount point")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]  # no stage beside it
+
+
+def test_an_index_naming_a_file_outside_the_store_is_refused(
+    known: KnownStore, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(known.path, store)
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"secret")
+    with sqlite3.connect(store / "index.sqlite") as db:
+        db.execute(
+            "UPDATE point_disks SET file = ? WHERE point_id = ? AND disk = 'vdb'",
+            ["vm1/vdb/../../../../shadow", known.point_ids[-1]],
+        )
+    watch = OpenWatch(secret)
+    try:
+        for args in (["restore", "vm1@latest", "--to", str(tmp_path / "out")], ["verify"]):
+            assert_one_line(cli(store, *args), 1, "outside data/vm1/vdb/")
+        assert watch.events() == []
+    finally:
+        watch.close()
