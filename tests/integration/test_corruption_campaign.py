@@ -52,11 +52,7 @@ L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 # seed -> why that mutation still fails (reproduction in /work/notes/qcheck.md); strict xfails:
 # when a fix lands, its seeds XPASS and must be removed from here.
-_HOLE = (
-    "issue 8 item 3 (engine): a zeroed L1 entry of a data file reads as a hole, so restore "
-    "exits 0 with the backing file's (or zero) bytes instead of naming the damage"
-)
-KNOWN_FAILURES: dict[int, str] = dict.fromkeys((1, 30, 33, 90, 115, 124, 179, 184), _HOLE)
+KNOWN_FAILURES: dict[int, str] = {}
 
 
 # --- running the CLI -----------------------------------------------------------------------------
