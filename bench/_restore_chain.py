@@ -29,13 +29,16 @@ DISK = "vda"
 def settings() -> tuple[int, int, int]:
     """(disk bytes, chain depth, rounds) from LBR_BENCH_MIB, LBR_BENCH_DEPTH, LBR_BENCH_ROUNDS."""
     size = int(os.environ.get("LBR_BENCH_MIB", "1024")) * MIB
-    depth = int(os.environ.get("LBR_BENCH_DEPTH", "25"))
+    depth = int(os.environ.get("LBR_BENCH_DEPTH", "10"))
     rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "3"))
     return size, depth, rounds
 
 
-def build_chain(store_path: Path, size: int, depth: int, seed: int = 25) -> Path:
-    """Create the store and its chain; return the path of the chain's top file."""
+def build_chain(
+    store_path: Path, size: int, depth: int, seed: int = 25, full_share: float = FULL_SHARE
+) -> Path:
+    """Create the store and its chain (`full_share` of the base's clusters hold random data);
+    return the path of the chain's top file."""
     from lbstore.store import Store
 
     rng = random.Random(seed)
@@ -45,7 +48,7 @@ def build_chain(store_path: Path, size: int, depth: int, seed: int = 25) -> Path
         for index in range(depth):
             with store.begin(VM) as ingest:
                 disk = ingest.add_disk(DISK, size, cluster_size=CLUSTER)
-                share = FULL_SHARE if index == 0 else INCREMENT_SHARE
+                share = full_share if index == 0 else INCREMENT_SHARE
                 chosen = sorted(rng.sample(range(clusters), max(1, int(clusters * share))))
                 _write_clusters(disk, chosen, rng)
                 if index:
@@ -57,7 +60,9 @@ def build_chain(store_path: Path, size: int, depth: int, seed: int = 25) -> Path
 
 
 @contextlib.contextmanager
-def chain_in_temp_store(size: int, depth: int) -> Iterator[tuple[Path, Path, Path]]:
+def chain_in_temp_store(
+    size: int, depth: int, full_share: float = FULL_SHARE
+) -> Iterator[tuple[Path, Path, Path]]:
     """A temporary work folder (under LBR_BENCH_DIR, if set) holding `store` with the chain.
 
     Yields (work folder, store path, the chain's top file); everything is removed afterwards.
@@ -66,7 +71,7 @@ def chain_in_temp_store(size: int, depth: int) -> Iterator[tuple[Path, Path, Pat
         work = Path(work_dir)
         store = work / "store"
         print(f"building a depth-{depth} chain of a {size // MIB} MiB disk ...", flush=True)
-        top = build_chain(store, size, depth)
+        top = build_chain(store, size, depth, full_share=full_share)
         yield work, store, top
 
 

@@ -16,8 +16,15 @@ warm host page cache, best of LBR_BENCH_REPEAT (default 5) runs of each, alterna
             (QEMU's /dev/null: `-O raw TOP /dev/null` is refused, "Cannot grow device files")
 
 and prints the throughputs, `ratio (ours/theirs)` (target >= 0.5), the cached mode's ratio and
-the serving process's peak RSS. Not a test: it never fails on time. LBR_BENCH_DIR: where the
-store goes (else /tmp).
+the serving process's peak RSS.
+
+Checked vs unchecked (issue 8): a mount checks every cluster it serves against the index (its
+digest, once per cluster and mount). Each round mounts afresh with and without `--no-verify`
+(untimed) and times a whole `dd if=MOUNT/vda.raw of=/dev/null bs=1M` on each, so every cluster
+is hashed in the timed read; prints `ratio (checked/unchecked)` (target >= 0.8). The long-lived
+mounts above re-read clusters they already checked.
+
+Not a test: it never fails on time. LBR_BENCH_DIR: where the store goes (else /tmp).
 """
 
 from __future__ import annotations
@@ -136,6 +143,17 @@ def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return min(wall for wall, _ in runs), min(cpu for _, cpu in runs)
 
 
+def fresh_read(store: Path, mountpoint: Path, *options: str) -> tuple[float, float]:
+    """Mount afresh (untimed), time a whole `dd` of vda.raw through it, unmount."""
+    lbrestore(store, "mount", *options, "bench@latest", str(mountpoint))
+    try:
+        pid = serving_pid(mountpoint)
+        command = ["dd", f"if={mountpoint / 'vda.raw'}", "of=/dev/null", "bs=1M"]
+        return timed(lambda: subprocess.run(command, check=True, capture_output=True), server=pid)
+    finally:
+        lbrestore(store, "umount", str(mountpoint))
+
+
 def peak_rss_kib(pid: int) -> int:
     """VmHWM of a process, in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -176,10 +194,19 @@ def main() -> int:
                 runs["cached"].append(timed(lambda: read_mounted(cached_disk), drop, cached_pid))
                 runs["theirs"].append(timed(lambda: read_theirs(top, size)))
             rss = peak_rss_kib(pid)
+            fresh = Path(tmp) / "mnt-fresh"
+            fresh.mkdir()
+            for _ in range(repeat):
+                runs.setdefault("checked", []).append(fresh_read(store, fresh))
+                runs.setdefault("unchecked", []).append(fresh_read(store, fresh, "--no-verify"))
         finally:
-            for mounted in (mountpoint, cached_mount):
+            for mounted in (mountpoint, cached_mount, Path(tmp) / "mnt-fresh"):
                 if os.path.ismount(mounted):
                     lbrestore(store, "umount", str(mounted))
+    (checked, checked_cpu), (unchecked, unchecked_cpu) = (
+        best(runs.pop("checked")),
+        best(runs.pop("unchecked")),
+    )
     (ours, ours_cpu), (cached, cached_cpu), (theirs, theirs_cpu) = map(best, runs.values())
     print(f"chain depth {DEPTH}, {mib} MiB disk, best of {repeat}")
     for label, wall, cpu in (
@@ -188,7 +215,13 @@ def main() -> int:
         ("theirs (qemu-img convert to null-co) ", theirs, theirs_cpu),
     ):
         print(f"{label}: {mib / wall:8.1f} MiB/s  ({wall:.3f} s, {cpu:.3f} CPU s)")
+    for label, wall, cpu in (
+        ("checked   (fresh mount, dd, every cluster hashed)", checked, checked_cpu),
+        ("unchecked (fresh mount, dd, --no-verify)         ", unchecked, unchecked_cpu),
+    ):
+        print(f"{label}: {mib / wall:8.1f} MiB/s  ({wall:.3f} s, {cpu:.3f} CPU s)")
     print(f"ratio (ours/theirs): {theirs / ours:.2f}  (target >= 0.5)")
+    print(f"ratio (checked/unchecked): {unchecked / checked:.2f}  (target >= 0.8)")
     print(f"ratio (cached/theirs): {theirs / cached:.2f}")
     ours_cpu, cached_cpu = max(ours_cpu, 0.01), max(cached_cpu, 0.01)  # clock ticks: 10 ms
     cpu_ratios = f"{theirs_cpu / ours_cpu:.2f}  (cached: {theirs_cpu / cached_cpu:.2f})"

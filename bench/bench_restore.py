@@ -1,4 +1,4 @@
-"""Benchmark: restore (flatten) a depth-25 chain to a standalone qcow2, ours vs qemu-img.
+"""Benchmark: restore (flatten) a depth-10 chain to a standalone qcow2, ours vs qemu-img.
 
 Ours: `lbrestore restore VM@latest --to DIR` (the whole command: reading through the chain
 view, checking every cluster's BLAKE3 against the index, writing a thin qcow2, fsync, rename,
@@ -10,12 +10,15 @@ the chain from the page cache (warm: it was just written, and every round reads 
 Each command is timed twice in the same run: the command alone, and the command followed by
 `sync` ("until durable": dirty pages a command leaves behind are paid for there).
 
-Prints `ratio (ours/theirs)` as throughput (their time / our time; target >= 1.0) against the
-plain command, the same until durable, the like-for-like ratio against `-t writeback`, the
-ratio of `restore --no-verify` (no BLAKE3 per cluster: what the checksums cost), and our peak
-RSS.
+Prints `ratio (ours/theirs)` as throughput (their time / our time; target >= 1.2) for the
+commands followed by `sync` (issue 10: restore vs `qemu-img convert -O qcow2` + sync), then the
+commands alone, the like-for-like ratio against `-t writeback`, the ratio of
+`restore --no-verify` (no checksum or stored-set checks: what they cost), and our peak RSS.
 
-Size: LBR_BENCH_MIB (default 1024), chain depth LBR_BENCH_DEPTH (default 25). Work folder:
+The base point is the whole disk of random data (a "1 GiB random base" at the default size);
+each of the other points rewrites 2% of the clusters and zeroes a few.
+
+Size: LBR_BENCH_MIB (default 1024), chain depth LBR_BENCH_DEPTH (default 10). Work folder:
 LBR_BENCH_DIR, else the system temp folder. Not a test: it never fails on time.
 """
 
@@ -33,7 +36,7 @@ from _restore_chain import MIB, VM, chain_in_temp_store, run_timed, settings
 
 def main() -> None:
     size, depth, rounds = settings()
-    with chain_in_temp_store(size, depth) as (work, store, top):
+    with chain_in_temp_store(size, depth, full_share=1.0) as (work, store, top):
         ours_cmd = [
             sys.executable,
             "-m",
@@ -113,12 +116,13 @@ def _report(
             f"until durable {synced[name]:.3f} s, CPU {min(cpu[name]):.2f} s; rounds: {rounds}"
         )
     print(
-        f"ratio (ours/theirs): {best['qemu-img'] / best['ours']:.2f}  "
-        "(vs `qemu-img convert -O qcow2 TOP OUT`, command alone, target >= 1.0)"
+        f"ratio (ours/theirs): {synced['qemu-img'] / synced['ours']:.2f}  "
+        "(restore vs `qemu-img convert -O qcow2 TOP OUT`, each followed by sync; "
+        "target >= 1.2)"
     )
     print(
-        f"ratio until durable (command + sync): {synced['qemu-img'] / synced['ours']:.2f}  "
-        "(vs the same qemu-img command)"
+        f"ratio of the commands alone (no sync): {best['qemu-img'] / best['ours']:.2f}  "
+        "(qemu-img's default cache mode leaves its writes dirty)"
     )
     print(
         f"ratio like-for-like (flush on close): "

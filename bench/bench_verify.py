@@ -1,16 +1,16 @@
 """Benchmark: checksum verification throughput, ours vs reading the files with `cat`.
 
 Ours: `lbrestore verify VM` (the whole command: every stored cluster of every file of a
-depth-25 chain re-read in host-offset order and checked against its BLAKE3 digest, plus the
+depth-10 chain re-read in host-offset order and checked against its BLAKE3 digest, plus the
 structural checks). Theirs: `cat FILES > /dev/null` over the same files, the floor for any tool
 that reads them. Best of LBR_BENCH_ROUNDS rounds (default 3), alternating who goes first, with
 the files in the page cache (warm) and, separately, evicted first with POSIX_FADV_DONTNEED on
 just these files (cold).
 
-Prints `ratio (ours/theirs)` as throughput (cat's time / our time; target >= 0.8) for the warm
-and the cold case, and our peak RSS.
+Prints `ratio (ours/theirs)` as throughput (cat's time / our time) for the cold case (issue
+10's: caches dropped, target >= 0.9) and the warm one, and our peak RSS.
 
-Size: LBR_BENCH_MIB (default 1024), chain depth LBR_BENCH_DEPTH (default 25). Work folder:
+Size: LBR_BENCH_MIB (default 1024), chain depth LBR_BENCH_DEPTH (default 10). Work folder:
 LBR_BENCH_DIR, else the system temp folder. Not a test: it never fails on time.
 """
 
@@ -41,7 +41,7 @@ def main() -> None:
         ours = [sys.executable, "-m", "lbrestore", "--store", str(store), "verify", VM]
         theirs = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, files)]
         rss = 0
-        for cache in ("warm", "cold"):
+        for cache in ("cold", "warm"):
             best: dict[str, float] = {}
             rounds_of: dict[str, list[float]] = {"ours": [], "cat": []}
             cpu: dict[str, float] = {}
@@ -67,11 +67,8 @@ def main() -> None:
                     f"{cache} {name}: best {seconds:.3f} s ({total / MIB / seconds:.0f} MiB/s), "
                     f"CPU {cpu[name]:.2f} s; rounds: {listed}"
                 )
-            print(
-                f"ratio (ours/theirs) {cache}: {best['cat'] / best['ours']:.2f}  "
-                f"(both {'in the page cache' if cache == 'warm' else 'evicted first'}; "
-                "target >= 0.8)"
-            )
+            both = "in the page cache" if cache == "warm" else "evicted first, target >= 0.9"
+            print(f"ratio (ours/theirs) {cache}: {best['cat'] / best['ours']:.2f}  (both {both})")
         print(f"peak RSS (ours): {rss // 1024} MiB")
 
 

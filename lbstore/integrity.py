@@ -13,8 +13,9 @@ file maps but the index does not list, is damage, named with its point, disk and
   geometry as the index recorded it, backing names (ChainView.open), and the set check of the
   whole disk. It reads no data: cheap. Data digests are checked by restore, mount and verify.
 - `VerifiedView`: a chain view whose reads are checked: the set check for the chunks a read
-  touches, then the digest of every whole cluster it returns (read in whole clusters); damage
-  raises DamagedClusterError instead of returning wrong bytes (a mount answers EIO).
+  touches, then the digest of every whole cluster it returns (read in whole clusters; a
+  cluster that matched once is not hashed again by that view); damage raises
+  DamagedClusterError instead of returning wrong bytes (a mount answers EIO).
 """
 
 from __future__ import annotations
@@ -210,6 +211,9 @@ class VerifiedView(Closing):
         self.virtual_size = view.virtual_size
         self.cluster_size = view.cluster_size
         self._scratch = bytearray()
+        # Guest clusters whose digest already matched through this view (one bit each: 2 MiB
+        # per TiB): a point's bytes never change, so a re-read is not hashed again.
+        self._verified = bytearray(-(-view.virtual_size // view.cluster_size) // 8 + 1)
 
     def close(self) -> None:
         """Close the chain's files."""
@@ -261,9 +265,13 @@ class VerifiedView(Closing):
             run_end = run.guest_offset + run.length
             first = -(-run.guest_offset // size)
             stop = -(-run_end // size) if run_end == self.virtual_size else run_end // size
+            verified = self._verified
             for cluster in range(first, stop):
+                if verified[cluster >> 3] & (1 << (cluster & 7)):
+                    continue
                 at = cluster * size - lo
                 self._check_cluster(run.point_id, run.path, cluster, buffer[at : at + size])
+                verified[cluster >> 3] |= 1 << (cluster & 7)
 
     def _check_cluster(
         self, point_id: int, path: Path | None, cluster: int, content: memoryview
