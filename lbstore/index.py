@@ -234,6 +234,18 @@ CREATE TABLE events (
 CREATE INDEX events_by_vm ON events (vm, id)
 """
 
+
+@migrations(name="0002_merge_journal")
+def _merge_journal(db: Database) -> None:
+    """The merge journal: one row per restore point being removed, with each disk's plan and
+    step, so that an interrupted merge can be finished (lbstore.merge)."""
+    db.execute(
+        "CREATE TABLE merges (point_id INTEGER PRIMARY KEY, vm TEXT NOT NULL, "
+        "started TEXT NOT NULL, step TEXT NOT NULL CHECK (step IN ('files', 'indexed')), "
+        "plan TEXT NOT NULL)"
+    )
+
+
 # --- the index ----------------------------------------------------------------------------------
 
 
@@ -459,6 +471,86 @@ class Index:
                 "DELETE FROM restore_points WHERE id = ? AND state = 'pending'", [point_id]
             )
 
+    # --- merges ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write_unit(self) -> Iterator[None]:
+        """One transaction that takes SQLite's write lock at once (BEGIN IMMEDIATE), so two
+        writers of different VMs queue on the busy timeout instead of failing mid-unit."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def begin_merge(self, point_id: int, vm: str, plan: dict[str, Any]) -> None:
+        """Mark a point as being removed, with the plan of every disk (journal step 'files')."""
+        with self.write_unit():
+            self.db.execute(
+                "INSERT INTO merges (point_id, vm, started, step, plan) VALUES (?, ?, ?, ?, ?)",
+                [point_id, vm, _now(), "files", json.dumps(plan)],
+            )
+
+    def merges(self, vm: str | None = None) -> list[dict[str, Any]]:
+        """Journal rows of merges not yet finished (of one VM or all), oldest first."""
+        where, params = ("WHERE vm = ?", [vm]) if vm is not None else ("", [])
+        rows = list(
+            self.db.query(f"SELECT * FROM merges {where} ORDER BY started, point_id", params)
+        )
+        for row in rows:
+            row["plan"] = json.loads(row["plan"])
+        return rows
+
+    def merging_point_ids(self) -> set[int]:
+        """Ids of points being removed by a merge."""
+        return {row[0] for row in self.db.execute("SELECT point_id FROM merges")}
+
+    def successor_disks(self, point_id: int) -> list[dict[str, Any]]:
+        """The committed disk rows whose backing file is `point_id`'s file of that disk."""
+        return list(
+            self.db.query(
+                "SELECT d.* FROM point_disks d JOIN restore_points p ON p.id = d.point_id "
+                "WHERE d.backing_point_id = ? AND p.state = 'committed' ORDER BY d.disk",
+                [point_id],
+            )
+        )
+
+    def remove_merged_point(self, point_id: int, successors: Sequence[MergedDisk]) -> None:
+        """One unit: successors take the removed point's place (backing, rows, checksums),
+        the point's rows go, and the journal moves to 'indexed'."""
+        with self.write_unit():
+            for disk in successors:
+                self._replace_successor(point_id, disk)
+            self.db.execute("DELETE FROM point_disks WHERE point_id = ?", [point_id])
+            self.db.execute("DELETE FROM restore_points WHERE id = ?", [point_id])
+            self.db.execute("UPDATE merges SET step = 'indexed' WHERE point_id = ?", [point_id])
+
+    def _replace_successor(self, point_id: int, disk: MergedDisk) -> None:
+        self.db.execute(
+            "UPDATE point_disks SET backing_point_id = ?, stored_bytes = ?, mode = ? "
+            "WHERE point_id = ? AND disk = ?",
+            [disk.backing_point_id, disk.stored_bytes, disk.mode, disk.point_id, disk.name],
+        )
+        self.db.execute(
+            "DELETE FROM checksums WHERE point_id = ? AND disk = ?", [disk.point_id, disk.name]
+        )
+        for row in disk.checksums:
+            self.db.execute(
+                "INSERT INTO checksums (point_id, disk, chunk, algorithm, cluster_runs, "
+                "digests) VALUES (?, ?, ?, ?, ?, ?)",
+                [disk.point_id, disk.name, row.chunk, row.algorithm, row.cluster_runs, row.digests],
+            )
+        self.db.execute(
+            "UPDATE restore_points SET kind = ? WHERE id = ?", [disk.point_kind, disk.point_id]
+        )
+
+    def end_merge(self, point_id: int) -> None:
+        """Forget a finished merge's journal row."""
+        with self.write_unit():
+            self.db.execute("DELETE FROM merges WHERE point_id = ?", [point_id])
+
     # --- checksums ------------------------------------------------------------------------------
 
     def checksum_row(self, point_id: int, disk: str, chunk: int) -> ChecksumRow | None:
@@ -546,6 +638,19 @@ class CommitDisk:
     stored_bytes: int
     checksums: tuple[ChecksumRow, ...]
     """Encoded rows (lbstore.checksums.ChecksumChunk.encode)."""
+
+
+@dataclass(frozen=True)
+class MergedDisk:
+    """A successor's disk after a merge: what `Index.remove_merged_point` writes for it."""
+
+    point_id: int
+    name: str
+    backing_point_id: int | None
+    stored_bytes: int
+    mode: str
+    point_kind: str
+    checksums: tuple[ChecksumRow, ...]
 
 
 @dataclass(frozen=True)

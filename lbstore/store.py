@@ -38,7 +38,7 @@ from lbstore.errors import (
     StorePathError,
 )
 from lbstore.index import INDEX_NAME, Index
-from lbstore.lock import StoreLock
+from lbstore.lock import PointLock, StoreLock, VmWriteLock, vm_lock_holders
 from lbstore.model import DiskRecord, RestorePoint, parse_utc
 from lbstore.names import check_disk_name, check_vm_name, is_valid_name
 from lbstore.private import create_private_file, make_private_dir, tighten_store
@@ -105,13 +105,19 @@ def _point_from_rows(row: dict[str, Any], disk_rows: list[dict[str, Any]]) -> Re
 class Store(Closing):
     """An opened store. Use `Store.open(path, write=...)` as a context manager."""
 
-    def __init__(self, path: Path, index: Index, *, write: bool, lock: StoreLock | None) -> None:
+    def __init__(
+        self, path: Path, index: Index, *, write: bool, lock: StoreLock | VmWriteLock | None
+    ) -> None:
         self.path = path
         self.data_dir = path / "data"
         self.tmp_dir = path / "tmp"
         self.write = write
         self._index = index
         self._lock = lock
+        self.vm: str | None = None
+        """The one VM a writer opened the store for (None: the whole store, or a reader)."""
+        self._reader_timeout = 10.0
+        self._point_locks: dict[int, PointLock] = {}
         self._ingest: Ingest | None = None
         self._index_lock = threading.Lock()
         self.problems: list[str] = []
@@ -148,8 +154,13 @@ class Store(Closing):
         write: bool = False,
         lock_timeout: float = 10.0,
         purpose: str | None = None,
+        vm: str | None = None,
     ) -> Store:
-        """Open a store; for writing take the lock (waiting up to `lock_timeout`) and recover."""
+        """Open a store; for writing take the lock (waiting up to `lock_timeout`) and recover.
+
+        A writer names the `vm` it writes: it takes that VM's writer lock only (writers of other
+        VMs go on meanwhile), recovers only that VM, and may change only that VM. Without `vm`
+        a writer takes the whole store (init, check --repair) and recovers everything."""
         root = Path(path)
         with os_errors(root):
             if root.exists() and not root.is_dir():
@@ -157,9 +168,16 @@ class Store(Closing):
             if not (root / INDEX_NAME).is_file():
                 raise StoreNotFoundError(root)
         if not write:
-            return cls(root, _open_index_for_reading(root), write=False, lock=None)
-        lock = StoreLock(root / "lock")
-        lock.acquire(lock_timeout, purpose)
+            store = cls(root, _open_index_for_reading(root), write=False, lock=None)
+            store._reader_timeout = lock_timeout
+            return store
+        lock: StoreLock | VmWriteLock
+        if vm is not None:
+            lock = VmWriteLock(root, check_vm_name(vm))
+            lock.acquire(lock_timeout, purpose)
+        else:
+            lock = StoreLock(root / "lock")
+            lock.acquire(lock_timeout, purpose, holders=lambda: vm_lock_holders(root))
         try:
             if not os.access(root, os.W_OK):
                 raise StorePathError(root, "the store folder is not writable")
@@ -171,6 +189,7 @@ class Store(Closing):
             lock.release()
             raise
         store = cls(root, index, write=True, lock=lock)
+        store.vm = vm
         try:
             store._make_private()
             with os_errors(root):
@@ -185,6 +204,9 @@ class Store(Closing):
         if self._ingest is not None:
             self._ingest.abort()
         self._index.close()
+        for point_lock in self._point_locks.values():
+            point_lock.release()
+        self._point_locks.clear()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -213,7 +235,11 @@ class Store(Closing):
                 f"took over the lock of {self._lock.stale_holder}, which ended without "
                 "releasing it",
             )
+        leftovers = list(self.tmp_dir.iterdir())  # listed before pending rows are read
+        others = {str(r["id"]) for r in self._index.pending_points() if not self._owns(r["vm"])}
         for row in self._index.pending_points():
+            if not self._owns(row["vm"]):
+                continue  # another VM's writer may be writing it right now
             removed = self._remove_point_files(row["vm"], row["id"])
             self._index.forget_pending(row["id"])
             self._index.record_event(
@@ -223,7 +249,7 @@ class Store(Closing):
                 point_id=row["id"],
                 details={"removed_files": removed},
             )
-        leftovers = list(self.tmp_dir.iterdir())
+        leftovers = [p for p in leftovers if p.name not in others]
         for leftover in leftovers:
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -231,9 +257,16 @@ class Store(Closing):
                 leftover.unlink(missing_ok=True)
         if leftovers:  # an fsync of an unchanged folder still costs a journal commit
             fsync_dir(self.tmp_dir)
-        problems = self._file_problems()
+        from lbstore.merge import finish_interrupted_merges  # merge builds on this module
+
+        finish_interrupted_merges(self, vm=self.vm)
+        problems = [p for p in self._file_problems() if self._owns(p[0])]
         self.problems = [message for _, message in problems]
         self._log_new_problems(problems)
+
+    def _owns(self, vm: str) -> bool:
+        """True when this writer may recover and change `vm` (its own, or the whole store)."""
+        return self.vm is None or vm == self.vm
 
     def _remove_point_files(self, vm: str, point_id: int) -> list[str]:
         """Delete data/<vm>/*/<id>.qcow2 of an uncommitted point (renamed before a crash)."""
@@ -339,8 +372,14 @@ class Store(Closing):
         return self.data_dir / record.file
 
     def view(self, point: RestorePoint, disk: str) -> ChainView:
-        """A read view of `disk` at `point` across its chain (close it, or use `with`)."""
+        """A read view of `disk` at `point` across its chain (close it, or use `with`).
+
+        A reader holds the point's reader lock from its first view until the store closes, so
+        a merge never changes the bytes it reads (lbstore.lock); a point being merged away
+        cannot be opened."""
         self.file_path(point, disk)
+        if not self.write:
+            self._hold_point(point)
         layers = [(p.id, self.file_path(p, disk)) for p in self.chain(point, disk)]
         with os_errors(self.path):  # a folder of data/ at mode 000: one line, not a traceback
             for _, path in layers:
@@ -351,6 +390,26 @@ class Store(Closing):
         from lbstore.view import ChainView
 
         return ChainView.open(layers)
+
+    def _hold_point(self, point: RestorePoint) -> None:
+        """Take the reader lock of `point`, then make sure no merge is removing it."""
+        if point.id in self._point_locks:
+            return
+        point_lock = PointLock(self.path, point.id)
+        if not point_lock.acquire_shared(self._reader_timeout):
+            return  # a read-only store: nothing can merge it
+        self._point_locks[point.id] = point_lock
+        with self._index_lock:
+            gone = (
+                point.id in self._index.merging_point_ids()
+                or self._index.committed_point(point.id) is None
+            )
+        if gone:
+            point_lock.release()
+            del self._point_locks[point.id]
+            raise StoreError(
+                f"{point.vm}@#{point.id} is being merged away; open another restore point"
+            )
 
     def stored_clusters(
         self, point: RestorePoint, disk: str, first: int = 0, stop: int | None = None
@@ -434,10 +493,18 @@ class Store(Closing):
             raise ReadOnlyStoreError("writing a restore point")
         if self._ingest is not None:
             raise StoreError("another restore point is being written in this store session")
+        self.require_vm(vm)
         from lbstore.ingest import Ingest
 
         self._ingest = Ingest.begin(self, check_vm_name(vm), created, definition)
         return self._ingest
+
+    def require_vm(self, vm: str) -> None:
+        """Refuse a change to `vm` by a writer that holds another VM's lock only."""
+        if not self.write:
+            raise ReadOnlyStoreError(f"changing {vm}")
+        if self.vm is not None and vm != self.vm:
+            raise StoreError(f"this writer holds the lock of {self.vm}, not of {vm}")
 
     def _ingest_finished(self, ingest: Ingest) -> None:
         if self._ingest is ingest:

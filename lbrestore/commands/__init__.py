@@ -21,6 +21,7 @@ COMMAND_MODULES: dict[str, str] = {
     "umount": "mount_cmds",
     "restore": "restore_cmds",
     "verify": "restore_cmds",
+    "merge": "merge_cmd",
 }
 
 

@@ -62,8 +62,9 @@ def with_store(*, write: bool = False) -> Callable[[Callable[..., Any]], Callabl
             ctx = click.get_current_context()
             path = ctx.find_root().obj["store_path"]
             purpose = f"lbrestore {ctx.info_name or ctx.command.name}"
+            vm = kwargs.get("vm") if write else None  # a VM's writer locks that VM only
             with Store.open(
-                path, write=write, lock_timeout=lock_timeout(), purpose=purpose
+                path, write=write, lock_timeout=lock_timeout(), purpose=purpose, vm=vm
             ) as store:
                 return func(store, *args, **kwargs)
 

@@ -1,0 +1,473 @@
+"""Removing one restore point while every other point reads exactly as before (`merge`).
+
+For each disk of the point P being removed:
+- no successor (P is the newest point holding the disk): the file is simply dropped;
+- successor S (the point whose file backs onto P's): either
+  * "up": P's clusters that S lacks are written into S's file in place (every reader of S and
+    above got exactly those bytes through the backing file before), then S's backing name is
+    switched to P's backing (or removed: S becomes the new full) with one sector write; or
+  * "down", when S stores fewer clusters than P and no reader holds P: S's clusters are written
+    into P's file (in place: P is being removed and nobody reads it), and P's file is renamed
+    over S's name. Overlays above S keep their backing name; readers that opened S keep its
+    old inode. This is what makes removing a big full under a small incremental cheap.
+Either way the cost follows the clusters stored in P or S, never the disk's size, and every
+cluster copied is read back verified against the digest the index recorded for it.
+
+Crash safety: P is entered in the merge journal (index table `merges`, with each disk's plan)
+before any file changes, so readers refuse to open it. The file steps are idempotent and are
+simply run again by `finish_interrupted_merges` (a "down" rename is recognised by the inode
+recorded in the plan). One index transaction then hands P's place to its successors (backing,
+checksum rows as the union, stored bytes, kind) and removes P's rows; P's leftover files are
+deleted and the journal row goes. Writers run `finish_interrupted_merges` when they open the
+store (for their VM), and so does `check --repair` (for all).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lbstore.checksums import CHUNK_CLUSTERS, DigestCollector, DigestLookup, cluster_digest
+from lbstore.errors import Qcow2Error, StoreError, StoreIntegrityError
+from lbstore.index import MergedDisk
+from lbstore.lock import PointLock
+from lbstore.model import RestorePoint
+from lbstore.qcow2.editor import ClusterEdit, Qcow2Editor
+from lbstore.qcow2.reader import Qcow2Image, RunKind
+
+if TYPE_CHECKING:
+    from lbstore.store import Store
+
+BATCH_BYTES = 32 << 20
+"""Guest bytes edited per crash-safe editor batch (each batch costs a few fsyncs)."""
+STOP_AFTER_ENV = "LBRESTORE_TEST_MERGE_STOP_AFTER"
+"""Test seam: the merge kills its own process (SIGKILL) after this many durable steps."""
+
+
+class MergeError(StoreError):
+    """A restore point cannot be merged away (damaged data, a file layout the editor refuses)."""
+
+
+@dataclass
+class DiskMergeResult:
+    """What the merge did to one disk."""
+
+    disk: str
+    successor: int | None
+    direction: str  # up | down | drop
+    clusters_copied: int = 0
+    bytes_copied: int = 0
+
+
+@dataclass
+class MergeResult:
+    """What `merge_point` did; `to_json()` is `lbrestore merge --json`."""
+
+    vm: str
+    point_id: int
+    successors: list[int] = field(default_factory=list)
+    disks: list[DiskMergeResult] = field(default_factory=list)
+    duration: float = 0.0
+    finished_interrupted: bool = False
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(d.bytes_copied for d in self.disks)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(bytes_copied=self.bytes_copied, duration=round(self.duration, 3))
+        return data
+
+
+class _Steps:
+    """Counts durable steps; the test seam stops the process after the configured one."""
+
+    def __init__(self) -> None:
+        raw = os.environ.get(STOP_AFTER_ENV)
+        self.stop_after = int(raw) if raw and raw.isdigit() else None
+        self.count = 0
+
+    def done(self, _name: str = "") -> None:
+        self.count += 1
+        if self.stop_after is not None and self.count >= self.stop_after:
+            os.kill(os.getpid(), 9)
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+
+def _plan(store: Store, point: RestorePoint, point_lock: PointLock) -> dict[str, Any]:
+    """Each disk's successor and direction, with what finishing needs to know later."""
+    successors = {row["disk"]: row for row in store.index.successor_disks(point.id)}
+    exclusive = point_lock.try_exclusive()
+    disks = []
+    for record in point.disks:
+        entry: dict[str, Any] = {
+            "disk": record.name,
+            "file": record.file,
+            "backing_point_id": record.backing_point_id,
+            "successor": None,
+            "direction": "drop",
+        }
+        row = successors.get(record.name)
+        if row is not None:
+            entry.update(successor=row["point_id"], successor_file=row["file"])
+            entry["direction"] = _direction(store, record.file, row, exclusive)
+            if entry["direction"] == "down":
+                info = (store.data_dir / record.file).stat()
+                entry["inode"] = [info.st_dev, info.st_ino]
+        disks.append(entry)
+    return {"disks": disks, "reader_held": not exclusive}
+
+
+def _direction(store: Store, p_file: str, s_row: dict[str, Any], exclusive: bool) -> str:
+    """'down' when it is cheaper and allowed (no reader holds P, same geometry), else 'up'."""
+    if not exclusive:
+        return "up"
+    p_path, s_path = store.data_dir / p_file, store.data_dir / s_row["file"]
+    try:
+        with (
+            Qcow2Image.open(p_path, backing=False) as p,
+            Qcow2Image.open(s_path, backing=False) as s,
+        ):
+            if (p.virtual_size, p.cluster_size) != (s.virtual_size, s.cluster_size):
+                return "up"
+            p_count, s_count = _stored_clusters(p), _stored_clusters(s)
+        Qcow2Editor.open(p_path).close()  # a layout the editor refuses cannot go down
+    except Qcow2Error:
+        return "up"
+    return "down" if s_count < p_count else "up"
+
+
+def _stored_clusters(image: Qcow2Image) -> int:
+    size = image.cluster_size
+    return sum(
+        -(-run.length // size)
+        for run in image.runs()
+        if run.kind in (RunKind.DATA, RunKind.COMPRESSED)
+    )
+
+
+# --- the merge ----------------------------------------------------------------------------------
+
+
+def merge_point(store: Store, point: RestorePoint) -> MergeResult:
+    """Remove `point` from the store; every other point reads exactly as before.
+
+    The store must be opened for writing by the point's VM (or the whole store). Readers that
+    hold the point (lbstore.lock) keep reading their old files; the merge then takes the way
+    that leaves the point's bytes unchanged. Raises MergeError when data read back does not
+    match its recorded digest (nothing of the point is lost then: see `finish_interrupted_merges`).
+    """
+    store.require_vm(point.vm)
+    started = time.monotonic()
+    if point.id in store.index.merging_point_ids():
+        return _finish(store, point.id, started)
+    point_lock = PointLock(store.path, point.id)
+    try:
+        plan = _plan(store, point, point_lock)
+        store.index.begin_merge(point.id, point.vm, plan)
+        return _run(store, point, plan, _Steps(), started)
+    finally:
+        point_lock.release()
+
+
+def finish_interrupted_merges(store: Store, vm: str | None = None) -> list[MergeResult]:
+    """Finish every merge the journal lists (of `vm`, or all): run by writers when they open
+    the store and by `check --repair`. A merge that cannot be finished raises MergeError."""
+    results = []
+    for row in store.index.merges(vm):
+        results.append(_finish(store, row["point_id"], time.monotonic()))
+    return results
+
+
+def _finish(store: Store, point_id: int, started: float) -> MergeResult:
+    row = next(r for r in store.index.merges() if r["point_id"] == point_id)
+    if row["step"] == "indexed":
+        result = MergeResult(row["vm"], point_id, finished_interrupted=True)
+        _drop_files(store, row["plan"], result)
+        store.index.end_merge(point_id)
+        return result
+    try:
+        point = store.point(point_id)
+    except StoreError as exc:
+        raise MergeError(f"the interrupted merge of #{point_id} cannot be finished: {exc}") from exc
+    result = _run(store, point, row["plan"], _Steps(), started)
+    result.finished_interrupted = True
+    return result
+
+
+def _run(
+    store: Store, point: RestorePoint, plan: dict[str, Any], steps: _Steps, started: float
+) -> MergeResult:
+    """The file steps of every disk, then the one index transaction, then cleanup."""
+    steps.done("journal")
+    result = MergeResult(point.vm, point.id)
+    merged: list[MergedDisk] = []
+    for entry in plan["disks"]:
+        disk_result = DiskMergeResult(entry["disk"], entry["successor"], entry["direction"])
+        result.disks.append(disk_result)
+        if entry["direction"] == "drop":
+            continue
+        successor = store.point(entry["successor"])
+        if entry["direction"] == "up":
+            _fold_up(store, point, successor, entry, disk_result, steps)
+        else:
+            _fold_down(store, point, successor, entry, disk_result, steps)
+        merged.append(_merged_disk(store, point, successor, entry))
+        if successor.id not in result.successors:
+            result.successors.append(successor.id)
+    store.index.remove_merged_point(point.id, _with_kinds(store, merged))
+    steps.done("index")
+    _drop_files(store, plan, result)
+    store.index.end_merge(point.id)
+    result.duration = time.monotonic() - started
+    store.record_event(
+        point.vm,
+        "merged",
+        f"removed restore point #{point.id}"
+        + (f" into #{', #'.join(map(str, result.successors))}" if result.successors else ""),
+        point_id=point.id,
+        disks=[asdict(d) for d in result.disks],
+    )
+    return result
+
+
+def _with_kinds(store: Store, merged: list[MergedDisk]) -> list[MergedDisk]:
+    """A successor with no backing file left on any disk is the new full; else 'merged'."""
+    out = []
+    for disk in merged:
+        successor = store.point(disk.point_id)
+        others = [
+            d.backing_point_id
+            for d in successor.disks
+            if d.name not in {m.name for m in merged if m.point_id == disk.point_id}
+        ]
+        backed = [m.backing_point_id for m in merged if m.point_id == disk.point_id]
+        kind = "full" if all(b is None for b in [*others, *backed]) else "merged"
+        out.append(
+            MergedDisk(
+                disk.point_id,
+                disk.name,
+                disk.backing_point_id,
+                disk.stored_bytes,
+                disk.mode,
+                kind,
+                disk.checksums,
+            )
+        )
+    return out
+
+
+def _drop_files(store: Store, plan: dict[str, Any], result: MergeResult) -> None:
+    """Delete the removed point's files ("down" files were renamed already)."""
+    folders = set()
+    for entry in plan["disks"]:
+        if entry["direction"] == "down":
+            continue
+        path = store.data_dir / entry["file"]
+        if path.exists():
+            path.unlink()
+            folders.add(path.parent)
+    for folder in folders:
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- reading verified clusters ------------------------------------------------------------------
+
+
+def _verified_runs(
+    store: Store, source: RestorePoint, disk: str, image: Qcow2Image, wanted: Any
+) -> Iterator[list[ClusterEdit]]:
+    """Batches of edits from `image`'s own clusters (source's file) for which `wanted(cluster)`
+    holds: data read back and checked against the digest recorded for `source`, zero clusters
+    as zero edits."""
+    size = image.cluster_size
+    lookup = DigestLookup(lambda pid, chunk: store.checksum_chunk(pid, disk, chunk))
+    batch: list[ClusterEdit] = []
+    for run in image.runs():
+        if run.kind is RunKind.BACKING:
+            continue
+        first = run.guest_offset // size
+        last = -(-(run.guest_offset + run.length) // size)
+        clusters = [c for c in range(first, last) if wanted(c)]
+        for start in range(0, len(clusters), BATCH_BYTES // size):
+            piece = clusters[start : start + BATCH_BYTES // size]
+            batch.extend(_read_clusters(source, disk, image, run.kind, piece, lookup))
+            if len(batch) * size >= BATCH_BYTES:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _read_clusters(
+    source: RestorePoint,
+    disk: str,
+    image: Qcow2Image,
+    kind: RunKind,
+    clusters: list[int],
+    lookup: DigestLookup,
+) -> list[ClusterEdit]:
+    if kind is RunKind.ZERO:
+        return [ClusterEdit(c, None) for c in clusters]
+    size = image.cluster_size
+    edits = []
+    for cluster in clusters:
+        data = image.read(cluster * size, size)
+        expected = lookup.digest(source.id, cluster)
+        if expected is None or cluster_digest(data, size) != expected:
+            problem = "has no recorded digest" if expected is None else "does not match its digest"
+            raise MergeError(
+                f"{source.vm}@#{source.id} disk {disk}: cluster {cluster} {problem}; "
+                "the merge stopped before using it (run `lbrestore verify`)"
+            )
+        edits.append(ClusterEdit(cluster, data))
+    return edits
+
+
+# --- the two directions -------------------------------------------------------------------------
+
+
+def _backing_name(entry: dict[str, Any]) -> str | None:
+    backing = entry["backing_point_id"]
+    return None if backing is None else f"{backing}.qcow2"
+
+
+def _fold_up(
+    store: Store,
+    point: RestorePoint,
+    successor: RestorePoint,
+    entry: dict[str, Any],
+    result: DiskMergeResult,
+    steps: _Steps,
+) -> None:
+    """P's clusters that S lacks go into S's file; then S backs onto P's backing."""
+    disk = entry["disk"]
+    p_path, s_path = store.data_dir / entry["file"], store.data_dir / entry["successor_file"]
+    with Qcow2Image.open(p_path, backing=False) as p_image, Qcow2Editor.open(s_path) as editor:
+        editor.on_phase = steps.done
+        for batch in _verified_runs(store, point, disk, p_image, editor.is_unallocated):
+            editor.write_clusters(batch)
+            _count(result, batch, p_image.cluster_size)
+        _zero_past_end(store, entry, p_image, editor, result)
+        editor.set_backing(_backing_name(entry))
+
+
+def _zero_past_end(
+    store: Store,
+    entry: dict[str, Any],
+    p_image: Qcow2Image,
+    editor: Qcow2Editor,
+    result: DiskMergeResult,
+) -> None:
+    """S read zeros past P's end (QEMU's rule for a grown disk); where P's backing is longer,
+    S must now say so itself."""
+    backing = entry["backing_point_id"]
+    if backing is None or editor.virtual_size <= p_image.virtual_size:
+        return
+    record = store.point(backing).disk(entry["disk"])
+    assert record is not None
+    size = editor.cluster_size
+    first = -(-p_image.virtual_size // size)
+    stop = min(-(-editor.virtual_size // size), -(-record.virtual_size // size))
+    edits = [ClusterEdit(c, None) for c in range(first, stop) if editor.is_unallocated(c)]
+    editor.write_clusters(edits)
+    result.clusters_copied += len(edits)
+
+
+def _fold_down(
+    store: Store,
+    point: RestorePoint,
+    successor: RestorePoint,
+    entry: dict[str, Any],
+    result: DiskMergeResult,
+    steps: _Steps,
+) -> None:
+    """S's clusters go into P's file in place; then P's file is renamed over S's name."""
+    disk = entry["disk"]
+    p_path, s_path = store.data_dir / entry["file"], store.data_dir / entry["successor_file"]
+    if not p_path.exists():
+        info = s_path.stat()
+        if [info.st_dev, info.st_ino] == entry["inode"]:
+            return  # renamed before an interruption: this disk is done
+        raise MergeError(f"{p_path} is gone but {s_path} is not the merged file")
+    with Qcow2Image.open(s_path, backing=False) as s_image:
+        for _batch in _verified_runs(store, successor, disk, s_image, lambda _c: True):
+            pass  # every cluster verified before P's file changes at all
+        with Qcow2Editor.open(p_path) as editor:
+            editor.on_phase = steps.done
+            for batch in _verified_runs(store, successor, disk, s_image, lambda _c: True):
+                editor.write_clusters(batch, in_place=True)
+                _count(result, batch, s_image.cluster_size)
+    os.rename(p_path, s_path)
+    _fsync_dir(s_path.parent)
+    steps.done("rename")
+
+
+def _count(result: DiskMergeResult, batch: list[ClusterEdit], size: int) -> None:
+    result.clusters_copied += len(batch)
+    result.bytes_copied += sum(size for e in batch if e.data is not None)
+
+
+# --- the successor's new index rows -------------------------------------------------------------
+
+
+def _merged_disk(
+    store: Store, point: RestorePoint, successor: RestorePoint, entry: dict[str, Any]
+) -> MergedDisk:
+    """S's rows after the merge: digests of every data cluster its file now stores (S's own
+    where it had them, P's for the clusters that came from P), stored bytes, backing."""
+    disk = entry["disk"]
+    lookup = DigestLookup(lambda pid, chunk: store.checksum_chunk(pid, disk, chunk))
+    collector = DigestCollector()
+    count = 0
+    with Qcow2Image.open(store.data_dir / entry["successor_file"], backing=False) as image:
+        size = image.cluster_size
+        for run in image.runs():
+            if run.kind not in (RunKind.DATA, RunKind.COMPRESSED):
+                continue
+            first = run.guest_offset // size
+            for cluster in range(first, -(-(run.guest_offset + run.length) // size)):
+                digest = lookup.digest(successor.id, cluster) or lookup.digest(point.id, cluster)
+                if digest is None:
+                    raise StoreIntegrityError(
+                        image.path, f"merged cluster {cluster} has no recorded digest"
+                    )
+                collector.add(cluster, digest)
+                count += 1
+    record = successor.disk(disk)
+    assert record is not None
+    backing = entry["backing_point_id"]
+    return MergedDisk(
+        point_id=successor.id,
+        name=disk,
+        backing_point_id=backing,
+        stored_bytes=count * size,
+        mode="full" if backing is None else record.mode,
+        point_kind="merged",
+        checksums=tuple(chunk.encode() for chunk in collector.finish()),
+    )
+
+
+__all__ = [
+    "CHUNK_CLUSTERS",
+    "DiskMergeResult",
+    "MergeError",
+    "MergeResult",
+    "finish_interrupted_merges",
+    "merge_point",
+]
