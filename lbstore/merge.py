@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbstore.checksums import CHUNK_CLUSTERS, DigestCollector, DigestLookup, cluster_digest
-from lbstore.errors import Qcow2Error, StoreError, StoreIntegrityError
+from lbstore.errors import DamagedClusterError, Qcow2Error, StoreError, StoreIntegrityError
 from lbstore.index import MergedDisk
 from lbstore.lock import PointLock
 from lbstore.model import RestorePoint
 from lbstore.qcow2.editor import ClusterEdit, Qcow2Editor
 from lbstore.qcow2.reader import Qcow2Image, RunKind
+from lbstore.readpipe import StoredCluster, VerifiedSpan, read_verified
 
 if TYPE_CHECKING:
     from lbstore.store import Store
@@ -161,8 +162,8 @@ def merge_point(store: Store, point: RestorePoint) -> MergeResult:
 
     The store must be opened for writing by the point's VM (or the whole store). Readers that
     hold the point (lbstore.lock) keep reading their old files; the merge then takes the way
-    that leaves the point's bytes unchanged. Raises MergeError when data read back does not
-    match its recorded digest (nothing of the point is lost then: see `finish_interrupted_merges`).
+    that leaves the point's bytes unchanged. Data read back that does not match its recorded
+    digest raises DamagedClusterError (see `finish_interrupted_merges` for what remains).
     """
     store.require_vm(point.vm)
     started = time.monotonic()
@@ -191,22 +192,39 @@ def _finish(store: Store, point_id: int, started: float) -> MergeResult:
     if row["step"] == "indexed":
         result = MergeResult(row["vm"], point_id, finished_interrupted=True)
         _drop_files(store, row["plan"], result)
+        _release_leaks(store, row["plan"])
         store.index.end_merge(point_id)
         return result
     try:
         point = store.point(point_id)
     except StoreError as exc:
         raise MergeError(f"the interrupted merge of #{point_id} cannot be finished: {exc}") from exc
-    result = _run(store, point, row["plan"], _Steps(), started)
+    result = _run(store, point, row["plan"], _Steps(), started, resumed=True)
     result.finished_interrupted = True
+    _release_leaks(store, row["plan"])
     return result
 
 
 def _run(
-    store: Store, point: RestorePoint, plan: dict[str, Any], steps: _Steps, started: float
+    store: Store,
+    point: RestorePoint,
+    plan: dict[str, Any],
+    steps: _Steps,
+    started: float,
+    *,
+    resumed: bool = False,
 ) -> MergeResult:
-    """The file steps of every disk, then the one index transaction, then cleanup."""
+    """Verify what will be copied, then the file steps of every disk, the one index
+    transaction, and cleanup. Damage found while verifying ends the merge before any file
+    changed: the journal row goes and the point stays whole."""
     steps.done("journal")
+    try:
+        for entry in plan["disks"]:
+            _verify_source(store, point, entry)
+    except StoreError:
+        if not resumed:
+            store.index.end_merge(point.id)
+        raise
     result = MergeResult(point.vm, point.id)
     merged: list[MergedDisk] = []
     for entry in plan["disks"]:
@@ -278,6 +296,15 @@ def _drop_files(store: Store, plan: dict[str, Any], result: MergeResult) -> None
         _fsync_dir(folder)
 
 
+def _release_leaks(store: Store, plan: dict[str, Any]) -> None:
+    """An interrupted edit may have left leaked clusters in a successor's file: release them."""
+    for entry in plan["disks"]:
+        path = store.data_dir / entry.get("successor_file", "")
+        if entry["direction"] != "drop" and path.is_file():
+            with Qcow2Editor.open(path) as editor:
+                editor.release_leaks()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -289,54 +316,89 @@ def _fsync_dir(path: Path) -> None:
 # --- reading verified clusters ------------------------------------------------------------------
 
 
-def _verified_runs(
-    store: Store, source: RestorePoint, disk: str, image: Qcow2Image, wanted: Any
-) -> Iterator[list[ClusterEdit]]:
-    """Batches of edits from `image`'s own clusters (source's file) for which `wanted(cluster)`
-    holds: data read back and checked against the digest recorded for `source`, zero clusters
-    as zero edits."""
+class _Batcher:
+    """Gathers edits and hands them to `apply` a batch of about BATCH_BYTES at a time."""
+
+    def __init__(self, apply: Callable[[list[ClusterEdit]], None], size: int) -> None:
+        self._apply = apply
+        self._size = size
+        self._edits: list[ClusterEdit] = []
+
+    def add(self, edits: Iterable[ClusterEdit]) -> None:
+        self._edits.extend(edits)
+        if len(self._edits) * self._size >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._edits:
+            edits, self._edits = self._edits, []
+            self._apply(edits)
+
+
+def _copy_clusters(
+    store: Store,
+    source: RestorePoint,
+    disk: str,
+    image: Qcow2Image,
+    wanted: Callable[[int], bool],
+    apply: Callable[[list[ClusterEdit]], None],
+) -> None:
+    """Hand `apply` an edit for every cluster `image` (source's own file) stores for which
+    `wanted(cluster)` holds: data read back through the shared read-and-verify pipeline
+    (lbstore.readpipe) and checked against the digest recorded for `source`, zero clusters
+    as zero edits. Damage raises before anything of its batch reaches `apply`."""
     size = image.cluster_size
+    where = f"{source.vm}@#{source.id} disk {disk}"
     lookup = DigestLookup(lambda pid, chunk: store.checksum_chunk(pid, disk, chunk))
-    batch: list[ClusterEdit] = []
+    batcher = _Batcher(apply, size)
+    stored: list[StoredCluster] = []
     for run in image.runs():
         if run.kind is RunKind.BACKING:
             continue
         first = run.guest_offset // size
-        last = -(-(run.guest_offset + run.length) // size)
-        clusters = [c for c in range(first, last) if wanted(c)]
-        for start in range(0, len(clusters), BATCH_BYTES // size):
-            piece = clusters[start : start + BATCH_BYTES // size]
-            batch.extend(_read_clusters(source, disk, image, run.kind, piece, lookup))
-            if len(batch) * size >= BATCH_BYTES:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+        clusters = [c for c in range(first, -(-(run.guest_offset + run.length) // size))]
+        clusters = [c for c in clusters if wanted(c)]
+        if run.kind is RunKind.ZERO:
+            batcher.add(ClusterEdit(c, None) for c in clusters)
+            continue
+        for cluster in clusters:
+            expected = lookup.digest(source.id, cluster)
+            if expected is None:
+                raise DamagedClusterError(where, cluster, image.path, "has no recorded checksum")
+            if run.kind is RunKind.COMPRESSED:
+                batcher.add([_compressed_cluster(image, cluster, expected, where)])
+            else:
+                assert run.host_offset is not None
+                host = run.host_offset + (cluster - first) * size
+                stored.append(StoredCluster(cluster, host, expected))
+
+    def consume(span: VerifiedSpan) -> None:
+        view = span.view
+        batcher.add(
+            ClusterEdit(entry.cluster, bytes(view[i * size : (i + 1) * size]))
+            for i, entry in enumerate(span.clusters)
+        )
+
+    read_verified(
+        image.path,
+        stored,
+        cluster_size=size,
+        virtual_size=image.virtual_size,
+        consume=consume,
+        where=where,
+    )
+    batcher.flush()
 
 
-def _read_clusters(
-    source: RestorePoint,
-    disk: str,
-    image: Qcow2Image,
-    kind: RunKind,
-    clusters: list[int],
-    lookup: DigestLookup,
-) -> list[ClusterEdit]:
-    if kind is RunKind.ZERO:
-        return [ClusterEdit(c, None) for c in clusters]
+def _compressed_cluster(
+    image: Qcow2Image, cluster: int, expected: bytes, where: str
+) -> ClusterEdit:
+    """A compressed cluster, decompressed and checked (the pipeline reads plain clusters)."""
     size = image.cluster_size
-    edits = []
-    for cluster in clusters:
-        data = image.read(cluster * size, size)
-        expected = lookup.digest(source.id, cluster)
-        if expected is None or cluster_digest(data, size) != expected:
-            problem = "has no recorded digest" if expected is None else "does not match its digest"
-            raise MergeError(
-                f"{source.vm}@#{source.id} disk {disk}: cluster {cluster} {problem}; "
-                "the merge stopped before using it (run `lbrestore verify`)"
-            )
-        edits.append(ClusterEdit(cluster, data))
-    return edits
+    data = image.read(cluster * size, size)
+    if cluster_digest(data, size) != expected:
+        raise DamagedClusterError(where, cluster, image.path, "does not match its checksum")
+    return ClusterEdit(cluster, data)
 
 
 # --- the two directions -------------------------------------------------------------------------
@@ -360,9 +422,12 @@ def _fold_up(
     p_path, s_path = store.data_dir / entry["file"], store.data_dir / entry["successor_file"]
     with Qcow2Image.open(p_path, backing=False) as p_image, Qcow2Editor.open(s_path) as editor:
         editor.on_phase = steps.done
-        for batch in _verified_runs(store, point, disk, p_image, editor.is_unallocated):
+
+        def apply(batch: list[ClusterEdit]) -> None:
             editor.write_clusters(batch)
             _count(result, batch, p_image.cluster_size)
+
+        _copy_clusters(store, point, disk, p_image, editor.is_unallocated, apply)
         _zero_past_end(store, entry, p_image, editor, result)
         editor.set_backing(_backing_name(entry))
 
@@ -405,17 +470,39 @@ def _fold_down(
         if [info.st_dev, info.st_ino] == entry["inode"]:
             return  # renamed before an interruption: this disk is done
         raise MergeError(f"{p_path} is gone but {s_path} is not the merged file")
-    with Qcow2Image.open(s_path, backing=False) as s_image:
-        for _batch in _verified_runs(store, successor, disk, s_image, lambda _c: True):
-            pass  # every cluster verified before P's file changes at all
-        with Qcow2Editor.open(p_path) as editor:
-            editor.on_phase = steps.done
-            for batch in _verified_runs(store, successor, disk, s_image, lambda _c: True):
-                editor.write_clusters(batch, in_place=True)
-                _count(result, batch, s_image.cluster_size)
+    with Qcow2Image.open(s_path, backing=False) as s_image, Qcow2Editor.open(p_path) as editor:
+        editor.on_phase = steps.done
+
+        def apply(batch: list[ClusterEdit]) -> None:
+            editor.write_clusters(batch, in_place=True)
+            _count(result, batch, s_image.cluster_size)
+
+        _copy_clusters(store, successor, disk, s_image, _everything, apply)
     os.rename(p_path, s_path)
     _fsync_dir(s_path.parent)
     steps.done("rename")
+
+
+def _verify_source(store: Store, point: RestorePoint, entry: dict[str, Any]) -> None:
+    """Read back every cluster the disk's merge will copy, checked against its digest."""
+    if entry["direction"] == "drop":
+        return
+    if entry["direction"] == "up":
+        source, path = point, store.data_dir / entry["file"]
+    else:
+        source, path = store.point(entry["successor"]), store.data_dir / entry["successor_file"]
+        if not path.exists() or not (store.data_dir / entry["file"]).exists():
+            return  # renamed already: nothing is left to copy
+    with Qcow2Image.open(path, backing=False) as image:
+        _copy_clusters(store, source, entry["disk"], image, _everything, _discard)
+
+
+def _everything(_cluster: int) -> bool:
+    return True
+
+
+def _discard(_edits: list[ClusterEdit]) -> None:
+    return None
 
 
 def _count(result: DiskMergeResult, batch: list[ClusterEdit], size: int) -> None:

@@ -118,6 +118,10 @@ class Store(Closing):
         """The one VM a writer opened the store for (None: the whole store, or a reader)."""
         self._reader_timeout = 10.0
         self._point_locks: dict[int, PointLock] = {}
+        self.finished_merges: list[Any] = []
+        """Interrupted merges this writer finished when it opened the store (MergeResult)."""
+        self.merge_problem: str | None = None
+        """Why an interrupted merge could not be finished on open, if one could not."""
         self._ingest: Ingest | None = None
         self._index_lock = threading.Lock()
         self.problems: list[str] = []
@@ -259,7 +263,11 @@ class Store(Closing):
             fsync_dir(self.tmp_dir)
         from lbstore.merge import finish_interrupted_merges  # merge builds on this module
 
-        finish_interrupted_merges(self, vm=self.vm)
+        try:
+            self.finished_merges = finish_interrupted_merges(self, vm=self.vm)
+        except StoreError as exc:  # damage: the point stays marked, check --repair reports it
+            self._index.record_event(self.vm, "merge-unfinished", str(exc))
+            self.merge_problem = str(exc)
         problems = [p for p in self._file_problems() if self._owns(p[0])]
         self.problems = [message for _, message in problems]
         self._log_new_problems(problems)

@@ -41,6 +41,9 @@ def _run_merge(store: Store, vm: str, address: str) -> MergeResult:
     try:
         point = store.resolve(address)
     except AddressError as exc:
+        for finished in store.finished_merges:  # this merge was interrupted; opening ended it
+            if address == f"{vm}@#{finished.point_id}":
+                return finished
         raise UsageError(str(exc)) from exc
     return merge_point(store, point)
 

@@ -311,6 +311,11 @@ def test_sigkill_leaves_old_or_new_clusters(tmp_path: Path, kill: str | None) ->
         piece = got[c * cluster : (c + 1) * cluster]
         old = bytes(content[c * cluster : (c + 1) * cluster])
         assert piece == old or piece == new.get(c), f"cluster {c} reads neither old nor new"
+    with Qcow2Editor.open(top) as editor:
+        editor.release_leaks()
+    qemu_img_check(top)  # strict: no leaks left
+    with Qcow2Image.open(top) as image:
+        assert image.read(0, size) == got
     if kill is None:
         assert all(got[c * cluster : (c + 1) * cluster] == d for c, d in new.items())
         assert qemu_img_info(top)["backing-filename"] == "twin.qcow2"
