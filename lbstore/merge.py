@@ -24,9 +24,11 @@ store (for their VM), and so does `check --repair` (for all).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +38,7 @@ from lbstore.errors import DamagedClusterError, Qcow2Error, StoreError, StoreInt
 from lbstore.index import MergedDisk
 from lbstore.lock import PointLock
 from lbstore.model import RestorePoint
-from lbstore.qcow2.editor import ClusterEdit, Qcow2Editor
+from lbstore.qcow2.editor import ClusterEdit, Qcow2Editor, check_editable
 from lbstore.qcow2.reader import Qcow2Image, RunKind
 from lbstore.readpipe import StoredCluster, VerifiedSpan, read_verified
 
@@ -138,8 +140,8 @@ def _direction(store: Store, p_file: str, s_row: dict[str, Any], exclusive: bool
         ):
             if (p.virtual_size, p.cluster_size) != (s.virtual_size, s.cluster_size):
                 return "up"
+            check_editable(p_path, p.header)  # a layout the editor refuses cannot go down
             p_count, s_count = _stored_clusters(p), _stored_clusters(s)
-        Qcow2Editor.open(p_path).close()  # a layout the editor refuses cannot go down
     except Qcow2Error:
         return "up"
     return "down" if s_count < p_count else "up"
@@ -296,12 +298,27 @@ def _drop_files(store: Store, plan: dict[str, Any], result: MergeResult) -> None
         _fsync_dir(folder)
 
 
+@contextlib.contextmanager
+def _writable(path: Path) -> Iterator[None]:
+    """Let the owner write a committed file (0400) while the merge edits it, then restore its
+    mode. Readers are not affected: permission bits are checked at open only."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & stat.S_IWUSR:
+        yield
+        return
+    os.chmod(path, mode | stat.S_IWUSR)
+    try:
+        yield
+    finally:
+        os.chmod(path, mode)
+
+
 def _release_leaks(store: Store, plan: dict[str, Any]) -> None:
     """An interrupted edit may have left leaked clusters in a successor's file: release them."""
     for entry in plan["disks"]:
         path = store.data_dir / entry.get("successor_file", "")
         if entry["direction"] != "drop" and path.is_file():
-            with Qcow2Editor.open(path) as editor:
+            with _writable(path), Qcow2Editor.open(path) as editor:
                 editor.release_leaks()
 
 
@@ -420,7 +437,11 @@ def _fold_up(
     """P's clusters that S lacks go into S's file; then S backs onto P's backing."""
     disk = entry["disk"]
     p_path, s_path = store.data_dir / entry["file"], store.data_dir / entry["successor_file"]
-    with Qcow2Image.open(p_path, backing=False) as p_image, Qcow2Editor.open(s_path) as editor:
+    with (
+        Qcow2Image.open(p_path, backing=False) as p_image,
+        _writable(s_path),
+        Qcow2Editor.open(s_path) as editor,
+    ):
         editor.on_phase = steps.done
 
         def apply(batch: list[ClusterEdit]) -> None:
@@ -470,7 +491,11 @@ def _fold_down(
         if [info.st_dev, info.st_ino] == entry["inode"]:
             return  # renamed before an interruption: this disk is done
         raise MergeError(f"{p_path} is gone but {s_path} is not the merged file")
-    with Qcow2Image.open(s_path, backing=False) as s_image, Qcow2Editor.open(p_path) as editor:
+    with (
+        Qcow2Image.open(s_path, backing=False) as s_image,
+        _writable(p_path),
+        Qcow2Editor.open(p_path) as editor,
+    ):
         editor.on_phase = steps.done
 
         def apply(batch: list[ClusterEdit]) -> None:

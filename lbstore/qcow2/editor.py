@@ -115,7 +115,7 @@ class Qcow2Editor(Closing):
         try:
             size = os.fstat(fd).st_size
             header = parse_header(target, lambda o, n: os.pread(fd, n, o), size)
-            _check_editable(target, header)
+            check_editable(target, header)
             return cls(target, fd, header, size)
         except BaseException:
             os.close(fd)
@@ -526,8 +526,8 @@ class Qcow2Editor(Closing):
         )
 
 
-def _check_editable(path: Path, header: Qcow2Header) -> None:
-    """Refuse layouts whose invariants the editor does not maintain; name the feature."""
+def check_editable(path: Path, header: Qcow2Header) -> None:
+    """UnsupportedFeatureError for layouts whose invariants the editor does not maintain; name the feature."""
     if header.version != 3:
         raise UnsupportedFeatureError(path, f"editing a version {header.version} image")
     if header.extended_l2:
