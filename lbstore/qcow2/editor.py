@@ -527,7 +527,7 @@ class Qcow2Editor(Closing):
 
 
 def check_editable(path: Path, header: Qcow2Header) -> None:
-    """UnsupportedFeatureError for layouts whose invariants the editor does not maintain; name the feature."""
+    """UnsupportedFeatureError for a layout whose invariants the editor does not keep."""
     if header.version != 3:
         raise UnsupportedFeatureError(path, f"editing a version {header.version} image")
     if header.extended_l2:
