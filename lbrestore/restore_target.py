@@ -5,9 +5,10 @@ private stage folder beside the target, `.<name>.lbrestore-<pid>-<random>`, and 
 at the end with one `renameat2(RENAME_EXCHANGE)`: at every instant the target's name holds either
 the old set or the new one, never a mix, whatever kills the restore. The exchange (rather than
 renaming the old folder aside and the new one in) never leaves the name missing, and needs no
-second step to be undone. Files of the old folder that the new set does not replace (a user's
-notes) are hard-linked into the stage first, so they survive the switch. After it, the old
-set (now under the stage's name) is removed.
+second step to be undone. The old set (every disk image, start script and XML in the folder)
+is replaced whole; other files of the folder (a user's notes) are hard-linked into the stage
+first, so they survive the switch. After it, the old set (now under the stage's name) is
+removed.
 
 Each stage is flock'ed by the restore writing it, so two restores into one folder each build
 their own set and the last switch wins whole; a stage whose restore died is removed by the next
@@ -158,6 +159,7 @@ class StagedFolder:
         self.parent = target if self.inside else target.parent
         self.path = self.parent / (_stage_prefix(target.name) + secrets.token_hex(6))
         self._fd: int | None = None
+        self._switched = False
 
     def create(self) -> None:
         """Make the stage: private (0700), flock'ed, beside the target."""
@@ -187,8 +189,11 @@ class StagedFolder:
                         str(self.target), "appeared while restoring; use --force to replace it"
                     ) from None
         carried = self._carry_over(names)
+        old_set = {e.name for e in os.scandir(self.target) if RESTORE_OUTPUT.fullmatch(e.name)}
         self._exchange()
-        self._drop_old_set(names | carried)
+        self._switched = True  # from here on the stage's path holds the old set: never rmtree it
+        with contextlib.suppress(OSError):  # the new set is in place; leftovers are harmless
+            self._drop_old_set(names | carried | old_set)
         self._done()
 
     def _move_out(self, names: set[str]) -> None:
@@ -199,10 +204,12 @@ class StagedFolder:
         self._done()
 
     def _carry_over(self, names: set[str]) -> set[str]:
-        """Hard-link the target's entries that the new set does not replace into the stage."""
+        """Hard-link the target's other files into the stage; the old set's files (disk
+        images, start scripts, XML: RESTORE_OUTPUT) are not carried, so that restoring one disk
+        over a two-disk restore leaves no old disk beside the new set."""
         kept: set[str] = set()
         for entry in os.scandir(self.target):
-            if entry.name in names:
+            if entry.name in names or RESTORE_OUTPUT.fullmatch(entry.name):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 raise RestoreTargetError(
@@ -248,8 +255,11 @@ class StagedFolder:
         self._close()
 
     def abort(self) -> None:
-        """Remove the stage and everything written into it (the target is untouched)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the stage and everything written into it (the target is untouched). After
+        the switch, the stage's path holds the old set: it is left to the next restore's
+        careful clean-up (remove_stale_stages), never removed wholesale."""
+        if not self._switched:
+            shutil.rmtree(self.path, ignore_errors=True)
         self._close()
 
     def _close(self) -> None:
@@ -266,7 +276,8 @@ def remove_stale_stages(parent: Path, name: str) -> None:
     """Remove stages of `name` left by restores that died: their process is gone and their
     flock is free. Only restore output and hard links of carried-over files are deleted; a
     stage holding anything else is left alone."""
-    pattern = re.compile(re.escape(f".{name}{STAGE_MARK}") + r"(\d+)-.*", re.ASCII)
+    # Only stage names proper: the "-old" of the two-rename fallback may hold the only old set.
+    pattern = re.compile(re.escape(f".{name}{STAGE_MARK}") + r"(\d+)-[0-9a-f]+", re.ASCII)
     for entry in os.scandir(parent):
         match = pattern.fullmatch(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False):

@@ -270,6 +270,11 @@ def test_force_keeps_other_files_and_replaces_a_smaller_older_set(
     ]  # fmt: skip
     assert compare(out / "vdb.qcow2", known.expected[(known.point_ids[-1], "vdb")]).returncode == 0
     assert (out / "keep.txt").read_text() == "mine"
+    one = cli(known.path, "restore", "vm1@#1", "--to", str(out), "--force", "--disk", "vda")
+    assert one.returncode == 0, one.stderr  # the old set goes whole: no old vdb beside new vda
+    assert sorted(p.name for p in out.iterdir()) == [
+        "keep.txt", "start-vm1.sh", "vda.qcow2", "vm1.xml"
+    ]  # fmt: skip
     (out / "sub").mkdir()
     refused = cli(known.path, "restore", "vm1@latest", "--to", str(out), "--force")
     assert_one_line(refused, 1, "folder 'sub'")
