@@ -465,21 +465,50 @@ class _Checker:
 
     def walk_l2(self, offset: int, *, active: bool) -> None:
         table = be64_entries(self.image.read(offset, self.cluster_size))
-        step = 2 if self.header.extended_l2 else 1
-        for i in range(0, len(table) - step + 1, step):
-            entry = table[i]
-            bitmap = table[i + 1] if step == 2 else None
-            if entry == 0 and not bitmap:
+        if not self.header.extended_l2:
+            self.walk_standard_l2(offset, table, active=active)
+            return
+        for i in range(0, len(table) - 1, 2):
+            if table[i] or table[i + 1]:
+                self.l2_entry(offset, i // 2, table[i], table[i + 1], active=active)
+
+    def walk_standard_l2(self, offset: int, table: array, *, active: bool) -> None:
+        """Plain data entries (the bulk of a table) are counted inline; anything else goes
+        through `l2_entry`. Same verdict, a few times faster on large files."""
+        refs, claimed, count_max = self.refs, self.claimed, self.count_max
+        unusual = fmt.QCOW_OFLAG_COMPRESSED | fmt.L2E_STANDARD_RESERVED_MASK
+        unaligned = (self.cluster_size - 1) & fmt.L2E_OFFSET_MASK
+        for index, entry in enumerate(table):
+            if not entry:
                 continue
-            where = f"L2 table at {offset:#x} entry {i // step}"
-            problems, extent = l2_entry_findings(entry, bitmap, self.bits)
-            for problem in problems:
-                self.findings.corrupt(f"{where}: {problem}")
-            if extent is not None:
-                host, length, role = extent
-                self.reference(host, length, role)
-                if active and role is DATA:
-                    self.check_copied(where, entry, host)
+            host = entry & fmt.L2E_OFFSET_MASK
+            cluster = host >> self.bits
+            if (
+                entry & unusual
+                or not host
+                or host & unaligned
+                or cluster >= self.nclusters
+                or refs[cluster] >= count_max
+            ):
+                self.l2_entry(offset, index, entry, None, active=active)
+                continue
+            refs[cluster] += 1
+            if active and (claimed[cluster] == 1) != (entry >> 63 == 1):
+                self.check_copied(f"L2 table at {offset:#x} entry {index}", entry, host)
+
+    def l2_entry(
+        self, offset: int, index: int, entry: int, bitmap: int | None, *, active: bool
+    ) -> None:
+        """Check one L2 entry and count what it references (any kind, any damage)."""
+        where = f"L2 table at {offset:#x} entry {index}"
+        problems, extent = l2_entry_findings(entry, bitmap, self.bits)
+        for problem in problems:
+            self.findings.corrupt(f"{where}: {problem}")
+        if extent is not None:
+            host, length, role = extent
+            self.reference(host, length, role)
+            if active and role is DATA:
+                self.check_copied(where, entry, host)
 
     def walk_snapshots(self) -> None:
         """Each snapshot's L1 table and what it maps, then the snapshot table itself."""
