@@ -109,15 +109,15 @@ def check_target_folder(target: Path, *, force: bool, store: Path | None = None)
         if resolved.exists() and not resolved.is_dir():
             raise RestoreTargetError(str(target), "exists and is not a folder")
         entries = sorted(resolved.iterdir()) if resolved.is_dir() else []
-        mount = resolved.is_dir() and os.path.ismount(resolved)
+        fixed = unswitchable(resolved)
     except OSError as exc:
         raise RestoreTargetError(str(target), exc.strerror or str(exc)) from exc
-    if mount:  # a fresh ext4 file system holds lost+found: still an empty target
+    if fixed is not None:  # a fresh ext4 file system holds lost+found: still an empty target
         entries = [e for e in entries if e.name != "lost+found"]
         if entries and force:
             raise RestoreTargetError(
                 str(target),
-                "is a mount point holding files: it cannot be switched whole; "
+                f"{fixed} and holds files: it cannot be switched whole; "
                 "restore into a new folder inside it",
             )
     if entries and not force:
@@ -132,6 +132,18 @@ def check_target_folder(target: Path, *, force: bool, store: Path | None = None)
                 f"holds the folder {entry.name!r}: --force replaces a folder of files only",
             )
     return resolved
+
+
+def unswitchable(folder: Path) -> str | None:
+    """Why an existing `folder` cannot be switched by a rename in its parent (a mount point, or
+    a parent this user cannot write), or None when it can (or does not exist yet)."""
+    if not folder.is_dir():
+        return None
+    if os.path.ismount(folder):
+        return "is a mount point"
+    if not os.access(folder.parent, os.W_OK | os.X_OK):
+        return f"lies in {folder.parent}, which this user cannot write"
+    return None
 
 
 def _refuse_store(target: Path, resolved: Path, store: Path) -> None:
@@ -154,8 +166,8 @@ class StagedFolder:
         """Name the stage of `target` (a resolved path); `create` makes it. Named first so
         that an interrupt at any instant of the creation finds it to remove (`abort`)."""
         self.target = target
-        # A mount point cannot be renamed: its (empty) stage is a folder inside it instead.
-        self.inside = target.is_dir() and os.path.ismount(target)
+        # A folder that cannot be renamed gets its (empty) stage inside it instead.
+        self.inside = unswitchable(target) is not None
         self.parent = target if self.inside else target.parent
         self.path = self.parent / (_stage_prefix(target.name) + secrets.token_hex(6))
         self._fd: int | None = None
@@ -197,7 +209,7 @@ class StagedFolder:
         self._done()
 
     def _move_out(self, names: set[str]) -> None:
-        """Into an empty mount point: file by file, never replacing one, the start script last
+        """Into an empty, fixed folder: file by file, never replacing one, the start script last
         (so a killed restore that left no start script is recognisably incomplete)."""
         for name in sorted(names, key=lambda n: n.startswith("start-")):
             _renameat2(self.path / name, self.target / name, _RENAME_NOREPLACE)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from fixtures.tmpfs import mounted_tmpfs
 from restore_store import KnownStore, build_store, compare
-from safety_helpers import OpenWatch, assert_one_line, cli, needs_root
+from safety_helpers import NOBODY, OpenWatch, assert_one_line, cli, needs_root, shared_folder
 
 IN_CREATE = 0x100
 IN_MOVED_FROM = 0x040
@@ -356,3 +356,28 @@ def test_an_index_naming_a_file_outside_the_store_is_refused(
         assert watch.events() == []
     finally:
         watch.close()
+
+
+@needs_root
+def test_a_folder_in_a_parent_the_user_cannot_write_is_filled_in_place(tmp_path: Path) -> None:
+    """A user restoring into their own empty folder under a parent they cannot write (no stage
+    beside it possible): staged inside, moved in; with files in it, --force is refused."""
+    with shared_folder() as base:
+        image = base / "vda.raw"
+        image.write_bytes(bytes(range(256)) * 4096)
+        store = base / "store"
+        target = base / "vm"
+        target.mkdir()
+        os.chown(target, NOBODY, NOBODY)
+        store.mkdir()
+        os.chown(store, NOBODY, NOBODY)
+        store = store / "s"
+        assert cli(store, "init", user=NOBODY).returncode == 0
+        assert cli(store, "import", "vm1", f"--disk=vda={image}", user=NOBODY).returncode == 0
+        done = cli(store, "restore", "vm1@latest", "--to", str(target), user=NOBODY)
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in target.iterdir()) == ["start-vm1.sh", "vda.qcow2"]
+        assert compare(target / "vda.qcow2", image).returncode == 0
+        again = cli(store, "restore", "vm1@latest", "--to", str(target), "--force", user=NOBODY)
+        assert_one_line(again, 1, "cannot write")
+        assert sorted(p.name for p in base.iterdir()) == ["store", "vda.raw", "vm"]
