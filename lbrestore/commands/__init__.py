@@ -22,6 +22,7 @@ COMMAND_MODULES: dict[str, str] = {
     "restore": "restore_cmds",
     "verify": "restore_cmds",
     "merge": "merge_cmd",
+    "prune": "prune_cmd",
 }
 
 
