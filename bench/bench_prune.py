@@ -120,11 +120,8 @@ def plan(store: Path) -> list[dict[str, object]]:
     return decisions
 
 
-def run_theirs(store: Path, work: Path, decisions: list[dict[str, object]]) -> tuple[Sample, Path]:
+def run_theirs(copy: Path, decisions: list[dict[str, object]]) -> Sample:
     """The same removals with qemu-img rebase on a copy of the chain's files."""
-    copy = work / "theirs"
-    shutil.copytree(store / "data" / "vm1" / "vda", copy)
-    subprocess.run(["sync"], check=True)
     chain = [int(str(d["id"])) for d in reversed(decisions)]  # oldest first
     removed = {int(str(d["id"])) for d in decisions if d["rule"] == "remove"}
     total = Sample()
@@ -140,7 +137,7 @@ def run_theirs(store: Path, work: Path, decisions: list[dict[str, object]]) -> t
         total.add(timed(command))
         (copy / f"{point_id}.qcow2").unlink()
         chain.remove(point_id)
-    return total, copy
+    return total
 
 
 def allocated(files: list[Path]) -> int:
@@ -169,9 +166,12 @@ def main() -> None:
         decisions = plan(store)
         kept = [int(str(d["id"])) for d in decisions if d["rule"] != "remove"]
         before = allocated(sorted((store / "data" / "vm1" / "vda").glob("*.qcow2")))
+        theirs_dir = work / "theirs"
+        shutil.copytree(store / "data" / "vm1" / "vda", theirs_dir)
         subprocess.run(["sync"], check=True)
         ours = timed(lbrestore(store, "prune", "vm1", "--keep-daily", str(KEEP_DAYS)))
-        theirs, theirs_dir = run_theirs(store, work, decisions)
+        subprocess.run(["sync"], check=True)
+        theirs = run_theirs(theirs_dir, decisions)
         left = sorted((store / "data" / "vm1" / "vda").glob("*.qcow2"))
         if sorted(int(f.stem) for f in left) != sorted(kept):
             raise SystemExit(f"prune left {[f.stem for f in left]}, the plan keeps {kept}")
