@@ -37,15 +37,16 @@ NO_RULE = (
 
 def _keep_options(func: Any) -> Any:
     """Add --keep-RULE N for every counting rule and --keep-within DURATION."""
+    periods = {"hourly": "hours", "daily": "days", "weekly": "ISO weeks", "monthly": "months"}
+    periods["yearly"] = "years"
     for rule in reversed(COUNT_RULES):
-        what = "newest points" if rule == "last" else f"{rule} periods (newest point of each)"
-        func = click.option(
-            f"--keep-{rule}",
-            f"keep_{rule}",
-            type=int,
-            metavar="N",
-            help=f"Keep the {what}, N >= 1.",
-        )(func)
+        if rule == "last":
+            text = "Keep the N newest points."
+        else:
+            text = f"Keep the newest point of each of the N newest {periods[rule]} with points."
+        func = click.option(f"--keep-{rule}", f"keep_{rule}", type=int, metavar="N", help=text)(
+            func
+        )
     return click.option(
         "--keep-within",
         "keep_within",
@@ -192,7 +193,7 @@ def _prune_one(
 
 
 def _remove(store: Store, result: PruneResult) -> None:
-    """Carry out the plan's removals, with a progress bar on a terminal."""
+    """Carry out the plan's removals, with a progress bar on stderr when it is a terminal."""
     from lbstore.merge import merge_point
 
     if not result.planned:
@@ -200,9 +201,10 @@ def _remove(store: Store, result: PruneResult) -> None:
     if not is_terminal():
         execute(store, result, merge_point)
         return
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"pruning {result.vm}", total=len(result.planned))
 
         def advance(done: int, total: int, point: RestorePoint) -> None:
