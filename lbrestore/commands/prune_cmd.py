@@ -7,6 +7,7 @@ the removals are merges (lbstore.prune), each committed on its own.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -114,70 +115,83 @@ def prune_command(
         raise UsageError(NO_RULE)
     if vm is not None and cli_policy.is_empty and settings.policy_for(vm) is None:
         raise UsageError(f"{NO_RULE}; the configuration has no policy for {vm}")
-    run = _plan_only if dry_run else _plan_and_remove
-    failed = run(vm=vm, cli_policy=cli_policy, settings=settings, as_json=as_json)
-    if failed:
+    job = PruneJob(cli_policy, settings, dry_run, as_json, datetime.now(UTC))
+    if vm is not None:
+        reports = [_prune_vm(job, vm=vm, keep_going=False)]
+    else:
+        reports = [_prune_vm_keep_going(job, name) for name in _vm_names()]
+    if as_json:
+        echo_json({"dry_run": dry_run, "vms": reports})
+    if any(r["error"] is not None for r in reports):
         raise click.exceptions.Exit(1)
 
 
+@dataclass(frozen=True)
+class PruneJob:
+    """What one `prune` invocation applies to each VM."""
+
+    cli_policy: Policy
+    settings: RetentionConfig
+    dry_run: bool
+    as_json: bool
+    now: datetime
+
+    def policy_for(self, vm: str) -> Policy | None:
+        """The command line's policy when it has rules, else the configured one (or None)."""
+        return self.cli_policy if not self.cli_policy.is_empty else self.settings.policy_for(vm)
+
+
 @with_store(write=False)
-def _plan_only(store: Store, **kwargs: Any) -> bool:
-    """A dry run reads the store only (no lock: it never waits for a writer)."""
-    return _run_prune(store, dry_run=True, **kwargs)
+def _vm_names(store: Store) -> list[str]:
+    return store.vms()
+
+
+def _prune_vm(job: PruneJob, vm: str, keep_going: bool) -> dict[str, Any]:
+    """One VM, in a store session of its own: a dry run only reads; a prune takes that VM's
+    writer lock (writers of other VMs go on meanwhile)."""
+    run = _plan_only if job.dry_run else _plan_and_remove
+    report: dict[str, Any] = run(job=job, vm=vm, keep_going=keep_going)
+    return report
+
+
+def _prune_vm_keep_going(job: PruneJob, vm: str) -> dict[str, Any]:
+    """`_prune_vm` for --all: a VM that cannot even be opened (busy) is reported, not raised."""
+    try:
+        return _prune_vm(job, vm=vm, keep_going=True)
+    except KNOWN_ERRORS as exc:
+        click.echo(f"lbrestore: {vm}: {exc}", err=True)
+        if not job.as_json:
+            click.echo(f"{vm}: FAILED: {exc}")
+        return {"vm": vm, "policy": None, "points": [], "error": str(exc), "skipped": False}
+
+
+@with_store(write=False)
+def _plan_only(store: Store, job: PruneJob, vm: str, keep_going: bool) -> dict[str, Any]:
+    return _prune_in(store, job, vm, keep_going)
 
 
 @with_store(write=True)
-def _plan_and_remove(store: Store, **kwargs: Any) -> bool:
-    return _run_prune(store, dry_run=False, **kwargs)
+def _plan_and_remove(store: Store, job: PruneJob, vm: str, keep_going: bool) -> dict[str, Any]:
+    return _prune_in(store, job, vm, keep_going)
 
 
-def _run_prune(
-    store: Store,
-    vm: str | None,
-    cli_policy: Policy,
-    settings: RetentionConfig,
-    dry_run: bool,
-    as_json: bool,
-) -> bool:
-    """Prune one VM or all; True when any VM failed (after trying every one)."""
-    if vm is not None:
-        check_vm_name(vm)
-        if not store.restore_points(vm):
-            vms = store.vms()
-            known = f"VMs in this store: {', '.join(vms)}" if vms else "the store is empty"
-            raise AddressError(vm, f"no VM named {vm!r} has restore points; {known}")
-    names = [vm] if vm is not None else store.vms()
-    now = datetime.now(UTC)
-    reports = []
-    for name in names:
-        policy = cli_policy if not cli_policy.is_empty else settings.policy_for(name)
-        reports.append(
-            _prune_one(store, name, policy, now, settings.timezone, dry_run, as_json, vm is None)
-        )
-    if as_json:
-        echo_json({"dry_run": dry_run, "vms": reports})
-    return any(r["error"] is not None for r in reports)
-
-
-def _prune_one(
-    store: Store,
-    vm: str,
-    policy: Policy | None,
-    now: datetime,
-    tz: tzinfo | None,
-    dry_run: bool,
-    as_json: bool,
-    keep_going: bool,
-) -> dict[str, Any]:
+def _prune_in(store: Store, job: PruneJob, vm: str, keep_going: bool) -> dict[str, Any]:
     """Plan and (unless dry) carry out the prune of one VM; its report for --json."""
+    check_vm_name(vm)
+    if not store.restore_points(vm):
+        vms = store.vms()
+        known = f"VMs in this store: {', '.join(vms)}" if vms else "the store is empty"
+        raise AddressError(vm, f"no VM named {vm!r} has restore points; {known}")
+    policy = job.policy_for(vm)
+    tz = job.settings.timezone
     if policy is None:
-        if not as_json:
+        if not job.as_json:
             click.echo(f"{vm}: no retention policy in the configuration; nothing removed")
         return {"vm": vm, "policy": None, "points": [], "error": None, "skipped": True}
-    result = plan_vm(store, vm, policy, now, tz)
+    result = plan_vm(store, vm, policy, job.now, tz)
     error = None
-    if dry_run:
-        if not as_json:
+    if job.dry_run:
+        if not job.as_json:
             _echo_plan(result, policy, tz)
     else:
         try:
@@ -187,9 +201,9 @@ def _prune_one(
                 raise
             error = str(exc)
             click.echo(f"lbrestore: {vm}: {exc}", err=True)
-    if not as_json:
-        click.echo(_summary(result, dry_run, error))
-    return _report(result, policy, tz, dry_run, error)
+    if not job.as_json:
+        click.echo(_summary(result, job.dry_run, error))
+    return _report(result, policy, tz, job.dry_run, error)
 
 
 def _remove(store: Store, result: PruneResult) -> None:
