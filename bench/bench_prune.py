@@ -1,7 +1,7 @@
 """Benchmark: prune a 200-point chain down to 10, vs the same consolidation with `qemu-img rebase`.
 
 A store gets LBR_BENCH_POINTS (default 200) restore points of one small disk (LBR_BENCH_MIB,
-default 64), made as `lbrestore import --at` makes them: one every 2 hours, each changing a few
+default 16), made as `lbrestore import --at` makes them: one every 2 hours, each changing a few
 random ranges (some written, some zeroed) of the previous image. Then `lbrestore prune vm1
 --keep-daily 10` removes all but the newest point of each of the last 10 days, as a series of
 merges.
@@ -105,17 +105,11 @@ def build_chain(work: Path, points: int, size: int) -> tuple[Path, dict[int, Pat
     return store, copies
 
 
-def list_points(store: Path) -> list[dict[str, object]]:
-    done = subprocess.run(
-        lbrestore(store, "list", "vm1", "--json"), check=True, capture_output=True
-    )
-    points: list[dict[str, object]] = json.loads(done.stdout)
-    return points
-
-
 def plan(store: Path) -> list[dict[str, object]]:
     args = ("prune", "vm1", "--keep-daily", str(KEEP_DAYS), "--dry-run", "--json")
-    done = subprocess.run(lbrestore(store, *args), check=True, capture_output=True)
+    done = subprocess.run(lbrestore(store, *args), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"prune --dry-run failed: {done.stderr}")
     decisions: list[dict[str, object]] = json.loads(done.stdout)["vms"][0]["points"]
     return decisions
 
@@ -156,7 +150,7 @@ def compare(qcow2: Path, raw: Path) -> None:
 
 
 def main() -> None:
-    size = int(os.environ.get("LBR_BENCH_MIB", "64")) * MIB
+    size = int(os.environ.get("LBR_BENCH_MIB", "16")) * MIB
     points = int(os.environ.get("LBR_BENCH_POINTS", "200"))
     base = os.environ.get("LBR_BENCH_DIR") or tempfile.gettempdir()
     work = Path(tempfile.mkdtemp(prefix="bench-prune-", dir=base))
