@@ -4,10 +4,10 @@ The plan comes from lbstore.retention (pure). Removing is done one point at a ti
 lbstore.merge, each merge committing on its own, so an interruption leaves a consistent store
 with some of the planned points removed; running the same prune again finishes the work.
 
-Order: newest first. Every merge then folds the removed point into a successor that stays, so
-each stored cluster of a run of removed points is written at most once into the kept point above
-the run (oldest first would copy the same clusters again at every step, and would turn every
-point above a removed full into a new full, one after another).
+Order: newest first. Every removed point then has a successor that the plan keeps, so the
+clusters of a run of removed points travel at most once, into (or, when merge finds that
+cheaper, together with) the kept point above the run; oldest first would copy the same clusters
+again at every step and would make every point above a removed full a new full in turn.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 
+from lbstore.merge import merge_point
 from lbstore.model import RestorePoint
 from lbstore.retention import Decision, PointTime, Policy, plan
 from lbstore.store import Store
@@ -30,6 +31,8 @@ class PruneResult:
     decisions: list[Decision]
     removed: list[int] = field(default_factory=list)
     freed_bytes: int = 0
+    copied_bytes: int = 0
+    """Bytes the merges copied between files (data clusters)."""
 
     @property
     def kept(self) -> int:
@@ -66,13 +69,10 @@ def allocated_bytes(store: Store, vm: str) -> int:
     return total
 
 
-Merge = Callable[[Store, RestorePoint], object]
 Progress = Callable[[int, int, RestorePoint], None]
 
 
-def execute(
-    store: Store, result: PruneResult, merge: Merge, progress: Progress | None = None
-) -> PruneResult:
+def execute(store: Store, result: PruneResult, progress: Progress | None = None) -> PruneResult:
     """Remove the planned points one merge at a time; `result` records each removal as it ends.
 
     `progress(done, total, point)` is called before each merge. An error stops the prune and
@@ -84,7 +84,8 @@ def execute(
         if progress is not None:
             progress(done, len(order), point)
         before = allocated_bytes(store, result.vm)
-        merge(store, point)
+        merged = merge_point(store, point)
         result.removed.append(point_id)
+        result.copied_bytes += merged.bytes_copied
         result.freed_bytes += before - allocated_bytes(store, result.vm)
     return result

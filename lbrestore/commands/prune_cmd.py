@@ -208,12 +208,10 @@ def _prune_in(store: Store, job: PruneJob, vm: str, keep_going: bool) -> dict[st
 
 def _remove(store: Store, result: PruneResult) -> None:
     """Carry out the plan's removals, with a progress bar on stderr when it is a terminal."""
-    from lbstore.merge import merge_point
-
     if not result.planned:
         return
     if not is_terminal():
-        execute(store, result, merge_point)
+        execute(store, result)
         return
     from rich.console import Console
     from rich.progress import Progress
@@ -225,7 +223,7 @@ def _remove(store: Store, result: PruneResult) -> None:
             label = f"pruning {result.vm}: merging #{point.id}"
             bar.update(task, completed=done, description=label)
 
-        execute(store, result, merge_point, advance)
+        execute(store, result, advance)
 
 
 def _local(decision: Decision, tz: tzinfo | None) -> str:
@@ -275,6 +273,7 @@ def _report(
         "planned_removals": len(result.planned),
         "removed": len(result.removed),
         "freed_bytes": result.freed_bytes,
+        "copied_bytes": result.copied_bytes,
         "error": error,
         "skipped": False,
     }
