@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,22 +184,27 @@ class PointInTimeView:
         for i, (disk, bitmap) in enumerate(self.disks):
             exp = ExportedDisk(disk, i, self.token, self._scratch_dir / f"{i}.qcow2", bitmap)
             self.exports.append(exp)
-            await self._add_scratch_node(exp)
+        # Disks side by side: QEMU runs the scratch creation jobs together, and no disk's
+        # round trips wait for another's.
+        await _all(self._add_scratch_node(exp) for exp in self.exports)
         await self._start_jobs()
         await self._start_server()
-        for exp in self.exports:
-            await self.session.execute(
-                "block-export-add",
-                {
-                    "type": "nbd",
-                    "id": exp.export_id,
-                    "node-name": exp.node,
-                    "name": exp.export_name,
-                    "writable": False,
-                    "bitmaps": [exp.bitmap] if exp.bitmap else [],
-                },
-            )
-            self._undo.append(("export", exp.export_id))
+        await _all(self._export(exp) for exp in self.exports)
+
+    async def _export(self, exp: ExportedDisk) -> None:
+        """Export one disk's view over NBD, read-only, with its dirty bitmap when it has one."""
+        await self.session.execute(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": exp.export_id,
+                "node-name": exp.node,
+                "name": exp.export_name,
+                "writable": False,
+                "bitmaps": [exp.bitmap] if exp.bitmap else [],
+            },
+        )
+        self._undo.append(("export", exp.export_id))
 
     async def _add_scratch_node(self, exp: ExportedDisk) -> None:
         """A scratch qcow2 backed by the disk's node: it will hold the old data of rewrites.
@@ -317,6 +322,17 @@ class PointInTimeView:
             await _blockdev_del(self.session, what)
         elif kind == "scratch-dir":
             shutil.rmtree(what, ignore_errors=True)
+
+
+async def _all(steps: Iterable[Awaitable[None]]) -> None:
+    """Run `steps` side by side, wait until every one has ended, then raise the first failure.
+
+    Waiting for all (not stopping at the first error) means that every step has recorded what
+    it made in QEMU before the view's cleanup starts undoing it."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def _blockdev_del(session: QmpSession, node: str) -> None:
