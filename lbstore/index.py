@@ -246,6 +246,17 @@ def _merge_journal(db: Database) -> None:
     )
 
 
+@migrations(name="0003_retired_checksums")
+def _retired_checksums(db: Database) -> None:
+    """Checksum rows of points merged away while a reader held them: that reader's checks
+    still need them (lbstore.merge); they go when no reader holds the point any more."""
+    db.execute(
+        "CREATE TABLE retired_checksums (point_id INTEGER NOT NULL, vm TEXT NOT NULL, "
+        "disk TEXT NOT NULL, chunk INTEGER NOT NULL, algorithm TEXT NOT NULL, "
+        "cluster_runs BLOB NOT NULL, digests BLOB NOT NULL, PRIMARY KEY (point_id, disk, chunk))"
+    )
+
+
 # --- the index ----------------------------------------------------------------------------------
 
 
@@ -517,10 +528,20 @@ class Index:
             )
         )
 
-    def remove_merged_point(self, point_id: int, successors: Sequence[MergedDisk]) -> None:
+    def remove_merged_point(
+        self, point_id: int, successors: Sequence[MergedDisk], *, retire: bool = False
+    ) -> None:
         """One unit: successors take the removed point's place (backing, rows, checksums),
-        the point's rows go, and the journal moves to 'indexed'."""
+        the point's rows go (its checksum rows kept aside when `retire`: a reader holds it),
+        and the journal moves to 'indexed'."""
         with self.write_unit():
+            if retire:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO retired_checksums SELECT c.point_id, p.vm, c.disk, "
+                    "c.chunk, c.algorithm, c.cluster_runs, c.digests FROM checksums c "
+                    "JOIN restore_points p ON p.id = c.point_id WHERE c.point_id = ?",
+                    [point_id],
+                )
             for disk in successors:
                 self._replace_successor(point_id, disk)
             self.db.execute("DELETE FROM point_disks WHERE point_id = ?", [point_id])
@@ -546,6 +567,19 @@ class Index:
             "UPDATE restore_points SET kind = ? WHERE id = ?", [disk.point_kind, disk.point_id]
         )
 
+    def retired_points(self, vm: str | None = None) -> list[int]:
+        """Ids of removed points whose checksum rows are kept for their readers."""
+        where, params = ("WHERE vm = ?", [vm]) if vm is not None else ("", [])
+        rows = self.db.execute(
+            f"SELECT DISTINCT point_id FROM retired_checksums {where} ORDER BY point_id", params
+        )
+        return [row[0] for row in rows]
+
+    def forget_retired(self, point_id: int) -> None:
+        """Drop the kept checksum rows of a removed point (its last reader is gone)."""
+        with self.write_unit():
+            self.db.execute("DELETE FROM retired_checksums WHERE point_id = ?", [point_id])
+
     def end_merge(self, point_id: int) -> None:
         """Forget a finished merge's journal row."""
         with self.write_unit():
@@ -555,12 +589,15 @@ class Index:
 
     def checksum_row(self, point_id: int, disk: str, chunk: int) -> ChecksumRow | None:
         """One chunk's checksum row of a file, or None when it stores no cluster there."""
-        row = self.db.execute(
-            "SELECT chunk, algorithm, cluster_runs, digests FROM checksums "
-            "WHERE point_id = ? AND disk = ? AND chunk = ?",
-            [point_id, disk, chunk],
-        ).fetchone()
-        return None if row is None else ChecksumRow(row[0], row[1], bytes(row[2]), bytes(row[3]))
+        for table in ("checksums", "retired_checksums"):  # a removed point's, for its readers
+            row = self.db.execute(
+                f"SELECT chunk, algorithm, cluster_runs, digests FROM {table} "
+                "WHERE point_id = ? AND disk = ? AND chunk = ?",
+                [point_id, disk, chunk],
+            ).fetchone()
+            if row is not None:
+                return ChecksumRow(row[0], row[1], bytes(row[2]), bytes(row[3]))
+        return None
 
     def checksum_rows(self, point_id: int, disk: str) -> list[ChecksumRow]:
         """Every checksum row of a file, in guest order."""

@@ -24,6 +24,7 @@ store (for their VM), and so does `check --repair` (for all).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import stat
@@ -33,11 +34,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbstore.checksums import CHUNK_CLUSTERS, DigestCollector, DigestLookup, cluster_digest
-from lbstore.errors import DamagedClusterError, Qcow2Error, StoreError, StoreIntegrityError
+from lbstore.checksums import (
+    CHUNK_CLUSTERS,
+    ChecksumChunk,
+    ChecksumRow,
+    DigestLookup,
+    cluster_digest,
+)
+from lbstore.errors import DamagedClusterError, Qcow2Error, StoreError
 from lbstore.index import MergedDisk
 from lbstore.lock import PointLock
-from lbstore.model import RestorePoint
+from lbstore.model import DiskRecord, RestorePoint
 from lbstore.qcow2.editor import ClusterEdit, Qcow2Editor, check_editable
 from lbstore.qcow2.reader import Qcow2Image, RunKind
 from lbstore.readpipe import StoredCluster, VerifiedSpan, read_verified
@@ -120,7 +127,7 @@ def _plan(store: Store, point: RestorePoint, point_lock: PointLock) -> dict[str,
         row = successors.get(record.name)
         if row is not None:
             entry.update(successor=row["point_id"], successor_file=row["file"])
-            entry["direction"] = _direction(store, record.file, row, exclusive)
+            entry["direction"] = _direction(store, record, row, exclusive)
             if entry["direction"] == "down":
                 info = (store.data_dir / record.file).stat()
                 entry["inode"] = [info.st_dev, info.st_ino]
@@ -128,32 +135,20 @@ def _plan(store: Store, point: RestorePoint, point_lock: PointLock) -> dict[str,
     return {"disks": disks, "reader_held": not exclusive}
 
 
-def _direction(store: Store, p_file: str, s_row: dict[str, Any], exclusive: bool) -> str:
-    """'down' when it is cheaper and allowed (no reader holds P, same geometry), else 'up'."""
-    if not exclusive:
+def _direction(store: Store, record: DiskRecord, s_row: dict[str, Any], exclusive: bool) -> str:
+    """'down' when it is cheaper and allowed (no reader holds P, same geometry, a layout the
+    editor can change), else 'up'. The cost of each is what the index says each file stores."""
+    if not exclusive or s_row["stored_bytes"] >= record.stored_bytes:
         return "up"
-    p_path, s_path = store.data_dir / p_file, store.data_dir / s_row["file"]
+    if (s_row["virtual_size"], s_row["cluster_size"]) != (record.virtual_size, record.cluster_size):
+        return "up"
+    p_path = store.data_dir / record.file
     try:
-        with (
-            Qcow2Image.open(p_path, backing=False) as p,
-            Qcow2Image.open(s_path, backing=False) as s,
-        ):
-            if (p.virtual_size, p.cluster_size) != (s.virtual_size, s.cluster_size):
-                return "up"
-            check_editable(p_path, p.header)  # a layout the editor refuses cannot go down
-            p_count, s_count = _stored_clusters(p), _stored_clusters(s)
+        with Qcow2Image.open(p_path, backing=False) as image:
+            check_editable(p_path, image.header)
     except Qcow2Error:
         return "up"
-    return "down" if s_count < p_count else "up"
-
-
-def _stored_clusters(image: Qcow2Image) -> int:
-    size = image.cluster_size
-    return sum(
-        -(-run.length // size)
-        for run in image.runs()
-        if run.kind in (RunKind.DATA, RunKind.COMPRESSED)
-    )
+    return "down"
 
 
 # --- the merge ----------------------------------------------------------------------------------
@@ -186,7 +181,19 @@ def finish_interrupted_merges(store: Store, vm: str | None = None) -> list[Merge
     results = []
     for row in store.index.merges(vm):
         results.append(_finish(store, row["point_id"], time.monotonic()))
+    _forget_unread_retired(store, vm)
     return results
+
+
+def _forget_unread_retired(store: Store, vm: str | None) -> None:
+    """Drop the kept checksum rows of removed points that no reader holds any more."""
+    for point_id in store.index.retired_points(vm):
+        point_lock = PointLock(store.path, point_id)
+        if point_lock.try_exclusive():
+            try:
+                store.index.forget_retired(point_id)
+            finally:
+                point_lock.release()
 
 
 def _finish(store: Store, point_id: int, started: float) -> MergeResult:
@@ -235,14 +242,16 @@ def _run(
         if entry["direction"] == "drop":
             continue
         successor = store.point(entry["successor"])
+        zeros = _zero_clusters(store.data_dir / entry["successor_file"])
         if entry["direction"] == "up":
             _fold_up(store, point, successor, entry, disk_result, steps)
         else:
             _fold_down(store, point, successor, entry, disk_result, steps)
-        merged.append(_merged_disk(store, point, successor, entry))
+        merged.append(_merged_disk(store, point, successor, entry, zeros))
         if successor.id not in result.successors:
             result.successors.append(successor.id)
-    store.index.remove_merged_point(point.id, _with_kinds(store, merged))
+    retire = bool(plan.get("reader_held"))
+    store.index.remove_merged_point(point.id, _with_kinds(store, merged), retire=retire)
     steps.done("index")
     _drop_files(store, plan, result)
     store.index.end_merge(point.id)
@@ -390,6 +399,8 @@ def _copy_clusters(
                 stored.append(StoredCluster(cluster, host, expected))
 
     def consume(span: VerifiedSpan) -> None:
+        if apply is _discard:
+            return  # verifying only: the pipeline has checked the span
         view = span.view
         batcher.add(
             ClusterEdit(entry.cluster, bytes(view[i * size : (i + 1) * size]))
@@ -539,28 +550,23 @@ def _count(result: DiskMergeResult, batch: list[ClusterEdit], size: int) -> None
 
 
 def _merged_disk(
-    store: Store, point: RestorePoint, successor: RestorePoint, entry: dict[str, Any]
+    store: Store,
+    point: RestorePoint,
+    successor: RestorePoint,
+    entry: dict[str, Any],
+    zeros: set[int],
 ) -> MergedDisk:
-    """S's rows after the merge: digests of every data cluster its file now stores (S's own
-    where it had them, P's for the clusters that came from P), stored bytes, backing."""
+    """S's rows after the merge: the digests of every data cluster its file now stores.
+
+    That set is P's data clusters, less those S reads as zero (its own zero clusters, in
+    `zeros`, taken from its file before it changed), with S's own data clusters on top: exactly
+    what either direction leaves in the file. Computed from the index rows, so it costs what
+    the two files store, and no walk of the merged file's mapping."""
     disk = entry["disk"]
-    lookup = DigestLookup(lambda pid, chunk: store.checksum_chunk(pid, disk, chunk))
-    collector = DigestCollector()
-    count = 0
-    with Qcow2Image.open(store.data_dir / entry["successor_file"], backing=False) as image:
-        size = image.cluster_size
-        for run in image.runs():
-            if run.kind not in (RunKind.DATA, RunKind.COMPRESSED):
-                continue
-            first = run.guest_offset // size
-            for cluster in range(first, -(-(run.guest_offset + run.length) // size)):
-                digest = lookup.digest(successor.id, cluster) or lookup.digest(point.id, cluster)
-                if digest is None:
-                    raise StoreIntegrityError(
-                        image.path, f"merged cluster {cluster} has no recorded digest"
-                    )
-                collector.add(cluster, digest)
-                count += 1
+    digests = dict(store.stored_clusters(point, disk))
+    for cluster in zeros:
+        digests.pop(cluster, None)
+    digests.update(store.stored_clusters(successor, disk))
     record = successor.disk(disk)
     assert record is not None
     backing = entry["backing_point_id"]
@@ -568,11 +574,46 @@ def _merged_disk(
         point_id=successor.id,
         name=disk,
         backing_point_id=backing,
-        stored_bytes=count * size,
+        stored_bytes=len(digests) * record.cluster_size,
         mode="full" if backing is None else record.mode,
         point_kind="merged",
-        checksums=tuple(chunk.encode() for chunk in collector.finish()),
+        checksums=_encode(digests),
     )
+
+
+def _encode(digests: dict[int, bytes]) -> tuple[ChecksumRow, ...]:
+    """Digests by guest cluster as the index's rows (lbstore.checksums' codec)."""
+    rows = []
+    clusters = sorted(digests)
+    start = 0
+    while start < len(clusters):
+        chunk = clusters[start] // CHUNK_CLUSTERS
+        stop = bisect.bisect_left(clusters, (chunk + 1) * CHUNK_CLUSTERS, lo=start)
+        runs: list[list[int]] = []
+        base = chunk * CHUNK_CLUSTERS
+        for cluster in clusters[start:stop]:
+            if runs and runs[-1][0] + runs[-1][1] == cluster - base:
+                runs[-1][1] += 1
+            else:
+                runs.append([cluster - base, 1])
+        blob = b"".join(digests[c] for c in clusters[start:stop])
+        rows.append(ChecksumChunk(chunk, tuple((a, b) for a, b in runs), blob).encode())
+        start = stop
+    return tuple(rows)
+
+
+def _zero_clusters(path: Path) -> set[int]:
+    """The clusters a file itself reads as zero (zero clusters, not unallocated ones)."""
+    with Qcow2Image.open(path, backing=False) as image:
+        size = image.cluster_size
+        return {
+            cluster
+            for run in image.runs()
+            if run.kind is RunKind.ZERO
+            for cluster in range(
+                run.guest_offset // size, -(-(run.guest_offset + run.length) // size)
+            )
+        }
 
 
 __all__ = [

@@ -43,6 +43,7 @@ def test_schema_by_migrations_wal_and_foreign_keys(index: Index) -> None:
     assert index.schema_is_current()
     applied = [m.name for m in migrations.applied(index.db)]
     assert applied[0] == "0001_initial" and "0002_merge_journal" in applied
+    assert "0003_retired_checksums" in applied
     assert index.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert index.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert set(index.identity()) == {"id", "created"}
