@@ -4,6 +4,8 @@ the point is gone, and nothing leaks."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import signal
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from merge_chain import assert_store_reads, build_chain
+from merge_chain import MiB, assert_store_reads, build_chain
 
 from lbstore.merge import STOP_AFTER_ENV
 from lbstore.store import Store
@@ -20,11 +22,11 @@ from lbstore.store import Store
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict[str, Path]]]:
-    """A 6-point chain, built once and copied for every kill."""
+    """A 5-point chain of a 2 MiB disk, built once and copied for every kill."""
     folder = tmp_path_factory.mktemp("merge-crash")
     store = folder / "store"
     Store.init(store)
-    return store, build_chain(store, folder / "images", 6, seed=5)
+    return store, build_chain(store, folder / "images", 5, size=2 * MiB, seed=5)
 
 
 def merge(store: Path, address: str, stop_after: int | None) -> subprocess.CompletedProcess[str]:
@@ -40,20 +42,32 @@ def merge(store: Path, address: str, stop_after: int | None) -> subprocess.Compl
     )
 
 
-@pytest.mark.parametrize("victim_index", [0, 2, 5], ids=["oldest-down", "middle-up", "newest"])
+@pytest.mark.parametrize(
+    ("victim_index", "direction"), [(0, "down"), (2, "up"), (4, "drop")], ids=["down", "up", "drop"]
+)
 def test_sigkill_at_every_step_then_a_second_merge_finishes(
-    template: tuple[Path, dict[int, dict[str, Path]]], tmp_path: Path, victim_index: int
+    template: tuple[Path, dict[int, dict[str, Path]]],
+    tmp_path: Path,
+    victim_index: int,
+    direction: str,
 ) -> None:
     source, expected = template
-    victim = sorted(expected)[victim_index]
+    ids = sorted(expected)
+    victim = ids[victim_index]
+    if direction == "up":  # a middle point whose successor stores at least as much as it
+        with Store.open(source) as store:
+            stored = {p.id: p.stored_bytes for p in store.restore_points("vm1")}
+        middle = itertools.pairwise(ids[1:])
+        victim = next(i for i, j in middle if stored[j] >= stored[i])
     kept = {k: v for k, v in expected.items() if k != victim}
     killed = 0
     for step in range(1, 40):
         store = tmp_path / f"store-{step}"
         shutil.copytree(source, store)
         first = merge(store, f"vm1@#{victim}", stop_after=step)
-        if first.returncode == 0:
-            break  # the merge has fewer steps than this: every instant was covered
+        if first.returncode == 0:  # the merge has fewer steps: every instant was covered
+            assert json.loads(first.stdout)["disks"][0]["direction"] == direction
+            break
         assert first.returncode == -signal.SIGKILL, first.stderr
         killed += 1
         again = merge(store, f"vm1@#{victim}", stop_after=None)
@@ -62,5 +76,5 @@ def test_sigkill_at_every_step_then_a_second_merge_finishes(
         with Store.open(store) as opened:
             assert not opened.index.merges()
         shutil.rmtree(store)
-    assert killed >= (2 if victim_index == 5 else 7)
+    assert killed >= (2 if direction == "drop" else 7)
     assert_store_reads(store, kept)
