@@ -80,7 +80,7 @@ def import_images(
     Everything is checked (names, images) before the store is touched, so bad input leaves the
     store as it was. Each disk is compared with the VM's newest point (only differing clusters
     are stored, on top of that point's chain) unless `full`; a previous chain that reads
-    damaged is never built on (lbstore.ingest: a new full chain starts).
+    damaged is never built on (lbstore.ingest: refused unless `full`).
     """
     for name in images:
         check_disk_name(name)

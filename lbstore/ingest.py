@@ -353,9 +353,8 @@ class Ingest:
         Intact: every file opens, its backing name and geometry are what the index says, and
         it maps exactly the clusters the index lists for its point (lbstore.integrity; no
         data is read: that is verify's job). A new point is never built on a chain that
-        reads damaged. An incremental cannot go anywhere else (the caller sent only changes),
-        so that is an error; a compare (import) or resync sends everything: it starts a new
-        full chain, and the event log says why.
+        reads damaged: an incremental or an import is refused (see _broken_chain), a resync
+        starts a new full chain, and the event log says why.
         """
         if previous is None:
             return None
@@ -379,12 +378,18 @@ class Ingest:
     def _broken_chain(
         self, name: str, mode: str, previous: dict[str, Any], exc: StoreError
     ) -> None:
-        """Refuse an incremental on a damaged chain; record that anything else starts a full."""
-        if mode == "incremental":
+        """Refuse an incremental or an import on a damaged chain; a resync starts a full.
+
+        An import is a person's request: it stops, and `--full` says "start a new chain". A
+        resync is the unattended backup's answer to an untrusted bitmap: it reads the whole
+        disk anyway, so it stores a full file rather than leave the VM without a backup.
+        """
+        if mode in ("incremental", "compare"):
+            advice = "back up with a resync or --full" if mode == "incremental" else "use --full"
             raise StoreIntegrityError(
                 self.store.data_dir / previous["file"],
-                f"the chain of disk {name} reads damaged ({exc}); an incremental cannot go "
-                "on it: back up with a resync or --full",
+                f"the chain of disk {name} reads damaged ({exc}); a new point cannot build "
+                f"on it: {advice} to start a new chain",
             ) from exc
         self.store.record_event(
             self.vm,

@@ -237,8 +237,8 @@ def import_command(
 
     The VM's first import stores full files; later imports store only the clusters that differ
     from the newest restore point (a resync), building an incremental chain. A previous chain
-    that reads damaged (files that do not map what the index lists) is never built on: a new
-    full chain starts, and the store's events say why.
+    that reads damaged (files that do not map what the index lists) is never built on: the
+    import is refused, and --full starts a new chain.
     """
     from lbstore.importer import open_import_image  # the writer's modules: not for `list`
 

@@ -108,7 +108,9 @@ def test_info_of_nothing_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown restore point spec" in result.stderr  # usage
 
 
-def test_info_reports_a_missing_file_and_import_starts_a_new_chain(tmp_path: Path) -> None:
+def test_info_reports_a_missing_file_and_import_needs_full_for_a_new_chain(
+    tmp_path: Path,
+) -> None:
     store = tmp_path / "store"
     raw = tmp_path / "vda.raw"
     raw.write_bytes(blake3.blake3(b"y").digest(length=MIB))
@@ -119,9 +121,12 @@ def test_info_reports_a_missing_file_and_import_starts_a_new_chain(tmp_path: Pat
     (entry,) = info["disks"][0]["chain"]
     assert entry["exists"] is False and entry["checksum_state"] == "file missing"
     assert info["store_problems"] == ["missing file data/vm1/vda/1.qcow2"]
-    out = ok(lbrestore(store, "import", "vm1", "--disk", f"vda={raw}"))
-    assert "vm1@#2 (full)" in out
+    refused = lbrestore(store, "import", "vm1", "--disk", f"vda={raw}")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "reads damaged" in refused.stderr and "--full" in refused.stderr
+    out = ok(lbrestore(store, "import", "vm1", "--full", "--disk", f"vda={raw}"))
+    assert "vm1@#3 (full)" in out  # the refused attempt's id 2 is never reused
     text = ok(lbrestore(store, "info", "vm1@latest"))
     assert "store problem: missing file data/vm1/vda/1.qcow2" in text
     assert "integrity: missing file data/vm1/vda/1.qcow2" in text  # logged by the import
-    assert "chain-broken" in text
