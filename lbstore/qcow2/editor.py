@@ -244,7 +244,8 @@ class Qcow2Editor(Closing):
     # --- editing clusters -----------------------------------------------------------------------
 
     def write_clusters(self, edits: Sequence[ClusterEdit], *, in_place: bool = False) -> None:
-        """Apply `edits` crash-safely (see the module docstring); one batch, four fsyncs.
+        """Apply `edits` crash-safely (see the module docstring); one batch, four fsyncs (none
+        when every edit is an overwrite in place: `close` makes those durable).
 
         `in_place`: where a cluster already owns a data cluster (refcount 1, COPIED) overwrite
         it there instead of allocating. Its old bytes are gone at once, so only a caller that
@@ -253,6 +254,14 @@ class Qcow2Editor(Closing):
         if not edits:
             return
         overwrite, allocate = self._plan(edits, in_place)
+        if len(overwrite) == len(edits):
+            # Only overwrites in place: no metadata changes, hence no order to keep and no
+            # fsync here; close() makes them durable (the caller owns every reader).
+            for edit in overwrite:
+                self._write_data(self.entry(edit.cluster) & fmt.L2E_OFFSET_MASK, edit.data)
+            if self.on_phase is not None:
+                self.on_phase("overwritten")
+            return
         new_tables = sorted(
             {e.cluster // self._l2_entries for e in allocate}
             | {e.cluster // self._l2_entries for e in edits if e.data is None}
