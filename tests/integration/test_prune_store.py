@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from merge_chain import assert_store_reads
 from prune_chain import allocated, assert_exact, build, change, files, lbrestore
 
 from lbstore.store import Store
@@ -38,16 +39,25 @@ def prune(store: Path, *args: str) -> dict[str, object]:
     return report
 
 
+def assert_stores_only_what_kept_points_need(store: Path, tmp_path: Path) -> None:
+    """merge's checks: each file stores no more clusters than its point needs over the point
+    below, the checksum rows list exactly those clusters, no leaks or corruptions."""
+    assert_store_reads(store, {p: {"vda": tmp_path / f"{p}.raw"} for p in files(store)})
+
+
 def test_prune_with_several_policies_keeps_every_kept_point_exact(tmp_path: Path) -> None:
     store = build(tmp_path, "vm1", 24, seed=1)
     assert_exact(store, tmp_path)
     first = prune(store, "--keep-last", "3", "--keep-daily", "5", "--keep-weekly", "2")
     assert first["removed"] > 0 and first["freed_bytes"] > 0 and first["copied_bytes"] > 0
     assert_exact(store, tmp_path)
+    assert_stores_only_what_kept_points_need(store, tmp_path)
     prune(store, "--keep-within", "4d", "--keep-weekly", "1")
     assert_exact(store, tmp_path)
+    assert_stores_only_what_kept_points_need(store, tmp_path)
     last = prune(store, "--keep-last", "1")
     assert_exact(store, tmp_path)
+    assert_stores_only_what_kept_points_need(store, tmp_path)
     assert len(files(store)) == 1 and last["kept"] == 1
     info = subprocess.run(
         ["qemu-img", "info", "--output=json", str(next(iter(files(store).values())))],
