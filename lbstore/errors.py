@@ -162,3 +162,25 @@ class Qcow2WriteError(Qcow2Error):
     def __init__(self, path: object, problem: str, errno: int | None = None) -> None:
         super().__init__(path, problem)
         self.errno = errno
+
+
+class IndexDamagedError(StoreError):
+    """index.sqlite is unreadable (a damaged page, not a database) or empty while data/ holds
+    restore points; only `lbrestore check --repair` (which rebuilds it from the sidecars) helps."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {problem}; run `lbrestore check --repair`")
+        self.path = path
+        self.problem = problem
+
+
+class StoreNeedsRepairError(StoreError):
+    """The index and data/ disagree (files or sidecars the index does not know): writes are
+    refused until `lbrestore check --repair` has reconciled them, so nothing is overwritten."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(
+            f"{path}: {problem}; writes are refused until `lbrestore check --repair` has run"
+        )
+        self.path = path
+        self.problem = problem

@@ -14,19 +14,23 @@ returns `ChecksumRow`s as they are.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
 from lbstore.checksums import DIGEST_SIZE, ChecksumRow
+from lbstore.errors import IndexDamagedError
 from lbstore.model import utc_iso
 
 INDEX_NAME = "index.sqlite"
@@ -264,6 +268,10 @@ def _now() -> str:
     return utc_iso(datetime.now(UTC))
 
 
+BUSY_TIMEOUT = 30.0
+"""Seconds a statement waits for another connection's lock before failing."""
+
+
 def _connect(path: Path, *, readonly: bool, immutable: bool = False) -> sqlite3.Connection:
     """A connection in autocommit mode: transactions are opened only by `db.atomic()`.
 
@@ -275,13 +283,115 @@ def _connect(path: Path, *, readonly: bool, immutable: bool = False) -> sqlite3.
         flags = "mode=ro&immutable=1" if immutable else "mode=ro"
         uri = f"{path.resolve().as_uri()}?{flags}"
         return sqlite3.connect(
-            uri, uri=True, isolation_level=None, timeout=30.0, check_same_thread=False
+            uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT, check_same_thread=False
         )
-    return sqlite3.connect(str(path), isolation_level=None, timeout=30.0, check_same_thread=False)
+    return sqlite3.connect(
+        str(path), isolation_level=None, timeout=BUSY_TIMEOUT, check_same_thread=False
+    )
 
 
+_DAMAGE_WORDS = ("malformed", "not a database", "no such table")
+"""Messages of SQLite errors that mean the index file itself is damaged, not the request."""
+
+C = TypeVar("C")
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """True for SQLITE_CORRUPT / SQLITE_NOTADB and a schema gone (an emptied index)."""
+    if type(exc) is sqlite3.DatabaseError:
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in str(exc) for word in _DAMAGE_WORDS
+    )
+
+
+def _damage_to_store_error(path: Path, function: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap one Index method: a damaged index becomes IndexDamagedError (one line), not a
+    traceback; every other SQLite error is left alone (a full disk, a bug)."""
+
+    def convert(exc: sqlite3.DatabaseError) -> IndexDamagedError:
+        return IndexDamagedError(path, f"the index is damaged ({exc})")
+
+    if inspect.isgeneratorfunction(function):
+
+        @functools.wraps(function)
+        def generator(self: Index, *args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from function(self, *args, **kwargs)
+            except sqlite3.DatabaseError as exc:
+                if _is_damage(exc):
+                    raise convert(exc) from exc
+                raise
+
+        return generator
+
+    @functools.wraps(function)
+    def wrapper(self: Index, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if _is_damage(exc):
+                raise convert(exc) from exc
+            raise
+
+    return wrapper
+
+
+def _converting_damage(cls: type[C]) -> type[C]:
+    """Apply _damage_to_store_error to every public method of the class."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(member):
+            setattr(cls, name, _damage_to_store_error(Path(INDEX_NAME), member))
+    return cls
+
+
+def probe_index(path: Path, *, thorough: bool = False) -> str:
+    """The state of an index file without changing it: "missing", "empty" (no bytes, or no
+    schema), "damaged" (SQLite says it is corrupt or no database) or "ok". An index SQLite
+    cannot open for other reasons is "ok" here: opening it says why. OSError from looking at
+    the file (permissions) is raised.
+
+    `thorough` also reads every page (PRAGMA quick_check): `check` and its repair do, since a
+    damaged page of a table the cheap probe does not touch is found only so."""
+    if not path.exists():  # OSError (a folder the caller may not search) is the caller's
+        return "missing"
+    if path.stat().st_size == 0 and not path.with_name(path.name + "-wal").exists():
+        return "empty"
+    for immutable in (False, True):  # immutable: a WAL index on a read-only filesystem
+        try:
+            return _probe_schema(path, immutable, thorough)
+        except sqlite3.DatabaseError as exc:
+            if _is_damage(exc):
+                return "damaged"
+    return "ok"
+
+
+def _probe_schema(path: Path, immutable: bool, thorough: bool) -> str:
+    conn = _connect(path, readonly=True, immutable=immutable)
+    try:
+        if thorough:
+            verdict = conn.execute("PRAGMA quick_check(1)").fetchone()
+            if verdict is None or verdict[0] != "ok":
+                return "damaged"
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if not {"store", "restore_points", "point_disks"} <= tables:
+            return "empty"
+        conn.execute("SELECT COUNT(*) FROM restore_points").fetchone()
+        conn.execute("SELECT COUNT(*) FROM point_disks").fetchone()
+        return "ok"
+    finally:
+        conn.close()
+
+
+@_converting_damage
 class Index:
-    """The SQLite index of one store. Methods are named for what they mean, not for SQL."""
+    """The SQLite index of one store. Methods are named for what they mean, not for SQL.
+
+    Every public method turns a damaged index (a corrupted page, a file that is no database)
+    into IndexDamagedError, so each command says so in one line.
+    """
 
     def __init__(self, db: IndexDb, *, readonly: bool) -> None:
         self.db = db
@@ -332,22 +442,102 @@ class Index:
 
     # --- restore points -------------------------------------------------------------------------
 
-    def begin_point(self, vm: str, created: datetime) -> int:
-        """Insert a pending restore point (creating the VM row if new); return its id."""
+    def begin_point(
+        self,
+        vm: str,
+        created: datetime,
+        *,
+        above: int = 0,
+        reserve: Callable[[int], None] | None = None,
+    ) -> int:
+        """Insert a pending restore point (creating the VM row if new); return its id.
+
+        The id is above every id this index ever gave (AUTOINCREMENT's high-water mark) and
+        above `above` (ids the store has seen outside the index: files in data/, the store's
+        own high-water mark), so a point id is never reused. `reserve(id)` runs inside the
+        transaction, before the id is used for anything (the store records its high-water mark
+        there); concurrent writers are serialized by the transaction.
+        """
         now = _now()
         with self.db.atomic():
             self.db.execute(
                 "INSERT OR IGNORE INTO vms (name, created, updated) VALUES (?, ?, ?)",
                 [vm, now, now],
+            )  # a write statement first: the write lock is held before the id is chosen
+            point_id = max(self.max_point_id(), above) + 1
+            self.db.execute(
+                "INSERT INTO restore_points (id, vm, created, kind, state, started) "
+                "VALUES (?, ?, ?, 'full', 'pending', ?)",
+                [point_id, vm, utc_iso(created), now],
             )
-            cursor = self.db.execute(
-                "INSERT INTO restore_points (vm, created, kind, state, started) "
-                "VALUES (?, ?, 'full', 'pending', ?)",
-                [vm, utc_iso(created), now],
-            )
-            point_id = cursor.lastrowid
-        assert point_id is not None
+            if reserve is not None:
+                reserve(point_id)
         return point_id
+
+    def point_ids(self) -> set[int]:
+        """Ids of every restore point row, pending or committed."""
+        return {row[0] for row in self.db.execute("SELECT id FROM restore_points")}
+
+    def max_point_id(self) -> int:
+        """The highest restore point id this index ever gave (0 for none)."""
+        row = self.db.execute(
+            "SELECT MAX(v) FROM (SELECT MAX(id) AS v FROM restore_points UNION ALL "
+            "SELECT seq FROM sqlite_sequence WHERE name = 'restore_points')"
+        ).fetchone()
+        return int(row[0] or 0)
+
+    def insert_committed_point(self, point: CommitRecord, created: datetime) -> None:
+        """Insert a committed point with its own id (rebuilt or adopted from its sidecars)."""
+        now = _now()
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT OR IGNORE INTO vms (name, created, updated) VALUES (?, ?, ?)",
+                [point.vm, now, now],
+            )
+            self.db.execute(
+                "INSERT INTO restore_points (id, vm, created, kind, state, started) "
+                "VALUES (?, ?, ?, 'full', 'pending', ?)",
+                [point.point_id, point.vm, utc_iso(created), now],
+            )
+            self._commit_point_rows(point)
+
+    def batch(self) -> AbstractContextManager[IndexDb]:
+        """One transaction around several units (a rebuild inserts every point in one commit:
+        one fsync instead of one per point)."""
+        return self.db.atomic()
+
+    def raise_id_sequence(self, at_least: int) -> None:
+        """Make the next AUTOINCREMENT id larger than `at_least` (ids seen outside the index)."""
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT 'restore_points', 0 "
+                "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'restore_points')"
+            )
+            self.db.execute(
+                "UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'restore_points'",
+                [at_least],
+            )
+
+    def set_identity(self, store_id: str) -> None:
+        """Give a rebuilt index the store's original id (backup bitmaps are named for it)."""
+        with self.db.atomic():
+            self.db.execute("UPDATE store SET value = ? WHERE key = 'id'", [store_id])
+
+    def checkpoint(self, wait: float) -> bool:
+        """Copy every committed transaction from the WAL into the main database and empty the
+        WAL, waiting up to `wait` seconds for readers that still read an older snapshot.
+
+        True when complete. A reader holding a read transaction on an older snapshot keeps the
+        newer frames from being copied (they would change what it reads): after `wait` the
+        checkpoint is partial and this returns False, so the caller can say so.
+        """
+        # TRUNCATE waits through the busy handler for the writer lock and for old readers.
+        self.db.execute(f"PRAGMA busy_timeout = {int(max(wait, 0.0) * 1000)}")
+        try:
+            busy, log, done = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        return bool(busy == 0 and log == done)
 
     def commit_point(self, point: CommitRecord) -> None:
         """Mark a pending point committed with its files, checksums and definition: one unit."""

@@ -35,12 +35,14 @@ from lbstore.errors import (
     StoreIntegrityError,
     StoreSpaceError,
 )
+from lbstore.fsutil import fsync_dir, rename_noreplace
 from lbstore.index import CommitDisk, CommitRecord
 from lbstore.integrity import check_chain
 from lbstore.model import COMPARING_MODES, DISK_MODES, RestorePoint, as_utc, parse_utc
 from lbstore.names import check_disk_name
 from lbstore.private import COMMITTED_FILE_MODE, PRIVATE_DIR_MODE
 from lbstore.qcow2.writer import Qcow2Writer
+from lbstore.sidecar import SIDECAR_SUFFIX, Sidecar, write_sidecar
 from lbstore.view import ChainView
 
 if TYPE_CHECKING:
@@ -281,8 +283,10 @@ class Ingest:
         """Register a pending point and make its tmp folder."""
         moment = _point_time(vm, created, store.index.latest_created(vm))
         try:
-            point_id = store.index.begin_point(vm, moment)
-        except sqlite3.Error as exc:
+            point_id = store.index.begin_point(
+                vm, moment, above=store.high_water(), reserve=store.reserve_point_id
+            )
+        except (sqlite3.Error, OSError) as exc:
             raise _as_store_error(exc, store.path) from exc
         ingest = cls(store, vm, point_id, moment, definition)
         try:
@@ -456,33 +460,61 @@ class Ingest:
             raise
         self._finish()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.store.make_durable()
         return self.store.point(self.point_id)
 
     def _publish_files(self, renamed: list[Path]) -> CommitRecord:
-        """Close every file, move it into data/ and fsync; return what the index records."""
-        disks = []
+        """Close every file, write its sidecar, move both into data/ and fsync; return what the
+        index records.
+
+        Each qcow2 file and then its sidecar are moved with a no-replace rename: a committed
+        file of the same name is never overwritten (the move fails instead). Recovery commits
+        a point whose files and sidecars all reached data/, and discards any other.
+        """
         for disk in self.disks.values():
             disk._close()
-        for disk in self.disks.values():
-            relative = f"{self.vm}/{disk.name}/{self.point_id}.qcow2"
-            target = self.store.data_dir / relative
-            _make_dirs(target.parent, self.store.data_dir)
-            source = self.tmp_dir / f"{disk.name}.qcow2"
-            os.chmod(source, COMMITTED_FILE_MODE)
-            os.rename(source, target)
-            renamed.append(target)
-            disks.append(disk._commit_record(relative))
-        # tmp/<id> itself is not fsynced: it is removed next, and recovery removes it anyway.
-        for folder in {p.parent for p in renamed}:
-            _fsync_dir(folder)
-        modes = [d.mode for d in self.disks.values()]
-        return CommitRecord(
+        disks = [
+            disk._commit_record(f"{self.vm}/{disk.name}/{self.point_id}.qcow2")
+            for disk in self.disks.values()
+        ]
+        record = CommitRecord(
             point_id=self.point_id,
             vm=self.vm,
-            kind=_point_kind(modes),
+            kind=_point_kind([d.mode for d in self.disks.values()]),
             definition=self.definition,
             disks=tuple(disks),
         )
+        store_id = self.store.identity().get("id")
+        for commit_disk in disks:
+            sidecar = Sidecar(
+                store_id=store_id,
+                point_id=self.point_id,
+                vm=self.vm,
+                created=self.created,
+                kind=record.kind,
+                definition=self.definition,
+                point_disks=tuple(self.disks),
+                disk=commit_disk,
+            )
+            write_sidecar(self.tmp_dir / f"{commit_disk.name}{SIDECAR_SUFFIX}", sidecar)
+        for commit_disk in disks:
+            target = self.store.data_dir / commit_disk.file
+            _make_dirs(target.parent, self.store.data_dir)
+            for suffix in (".qcow2", SIDECAR_SUFFIX):
+                source = self.tmp_dir / f"{commit_disk.name}{suffix}"
+                os.chmod(source, COMMITTED_FILE_MODE)
+                placed = target.with_suffix(suffix)
+                try:
+                    rename_noreplace(source, placed)
+                except FileExistsError:
+                    raise StoreIntegrityError(
+                        placed, "a file of this name already exists; it was left untouched"
+                    ) from None
+                renamed.append(placed)
+        # tmp/<id> itself is not fsynced: it is removed next, and recovery removes it anyway.
+        for folder in {p.parent for p in renamed}:
+            fsync_dir(folder)
+        return record
 
     def abort(self) -> None:
         """Discard everything written; the point never becomes visible."""
@@ -541,15 +573,7 @@ def _make_dirs(folder: Path, root: Path) -> None:
         current = current.parent
     for path in reversed(missing):
         path.mkdir(mode=PRIVATE_DIR_MODE)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(path.parent)
 
 
 def _as_store_error(exc: OSError | sqlite3.Error, path: Path) -> StoreError:

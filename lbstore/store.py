@@ -3,12 +3,23 @@
 STORE/
   index.sqlite                                  the index (lbstore.index)
   lock                                          flock'ed by the one writer (lbstore.lock)
+  last-point-id                                 the highest restore point id ever given
   data/<vm>/<disk>/<restore-point-id>.qcow2     committed files, read-only, relative backing names
+  data/<vm>/<disk>/<restore-point-id>.point     its sidecar: metadata + checksums (lbstore.sidecar)
   tmp/<restore-point-id>/<disk>.qcow2           files being written
 
-Opening a store for writing recovers from a crash of the previous writer: files of points that
-never committed are removed, their index rows forgotten, tmp/ emptied, and committed files are
-checked to exist (a missing one is reported as an event, never "repaired" by deleting anything).
+Opening a store for writing recovers from a crash of the previous writer: a point whose files
+and sidecars all reached data/ is committed from its sidecars (its index transaction was lost
+or never ran); files of other points that never committed are removed, their index rows
+forgotten, tmp/ emptied; committed files are checked to exist (a missing one is reported as an
+event, never "repaired" by deleting anything), and committed points without a sidecar (stores
+made before sidecars existed) get one. A store whose index is missing, empty or damaged while
+data/ holds points, or whose data/ holds points the index does not know, is refused for
+writing until `lbrestore check --repair` (lbstore.check) has reconciled them: otherwise a new
+point could take an id, and so a file name, that is already used.
+
+Point ids are never reused: a new id is above every id the index ever gave, above every id
+named in data/, and above the high-water mark in `last-point-id` (which survives the index).
 Writing a restore point lives in lbstore.ingest, reading one in lbstore.view.
 """
 
@@ -31,32 +42,42 @@ from lbstore.checksums import CHUNK_CLUSTERS, ChecksumChunk, DigestLookup, decod
 from lbstore.closing import Closing
 from lbstore.errors import (
     AddressError,
+    IndexDamagedError,
     ReadOnlyStoreError,
     StoreError,
     StoreIntegrityError,
+    StoreNeedsRepairError,
     StoreNotFoundError,
     StorePathError,
 )
-from lbstore.index import INDEX_NAME, Index
+from lbstore.fsutil import fsync_dir, rename_noreplace, replace_durably
+from lbstore.index import INDEX_NAME, CommitDisk, Index, probe_index
 from lbstore.lock import PointLock, StoreLock, VmWriteLock, vm_lock_holders
 from lbstore.model import DiskRecord, RestorePoint, parse_utc
 from lbstore.names import check_disk_name, check_vm_name, is_valid_name
-from lbstore.private import create_private_file, make_private_dir, tighten_store
+from lbstore.private import (
+    PRIVATE_FILE_MODE,
+    create_private_file,
+    make_private_dir,
+    tighten_store,
+)
+from lbstore.rebuild import RebuildReport, adopt_points, point_names, rebuild_index, scan_data
+from lbstore.sidecar import (
+    SIDECAR_SUFFIX,
+    Sidecar,
+    sidecar_path_of_file,
+    write_sidecar,
+)
 
 if TYPE_CHECKING:  # loaded when first used: `list`, `info` and the like never read or write data
     from lbstore.ingest import Ingest
     from lbstore.view import ChainView
 
-__all__ = ["DiskRecord", "RestorePoint", "Store"]
+__all__ = ["HIGH_WATER_NAME", "DiskRecord", "RestorePoint", "Store", "fsync_dir"]
 
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (renames, creations, removals) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+HIGH_WATER_NAME = "last-point-id"
+LOST_AND_FOUND = "lost+found"
+"""Where `check --repair` moves files of data/ that nothing describes (never deleted)."""
 
 
 @contextlib.contextmanager
@@ -126,18 +147,34 @@ class Store(Closing):
         self._index_lock = threading.Lock()
         self.problems: list[str] = []
         """Disagreements between index and data/ found when opened (also logged as events)."""
+        self.warnings: list[str] = []
+        """Things the command should tell the user although it succeeded (one line each)."""
+        self.lock_timeout = 10.0
+        self.rebuilt: RebuildReport | None = None
+        """What `open(repair=True)` rebuilt, when the index was unusable."""
+        self.recovery_actions: list[str] = []
+        """What recovery did when the store was opened for writing (one line each)."""
 
     # --- creating and opening -------------------------------------------------------------------
 
     @classmethod
     def init(cls, path: str | os.PathLike[str]) -> None:
-        """Create the store layout and index at `path` (idempotent for an existing store)."""
+        """Create the store layout and index at `path`: a new or empty folder only.
+
+        A folder that already holds a store (an index or data/, even an emptied index) or any
+        other file is refused: a new index over old data would hand out ids already used.
+        """
         root = Path(path)
         with os_errors(root):
             if root.exists() and not root.is_dir():
                 raise StorePathError(root, "exists and is not a folder")
-            if root.is_dir() and not (root / INDEX_NAME).exists() and any(root.iterdir()):
-                raise StorePathError(root, "folder is not empty and holds no store")
+            entries = {entry.name for entry in root.iterdir()} if root.is_dir() else set()
+        if entries & {INDEX_NAME, "data", HIGH_WATER_NAME}:
+            raise StorePathError(
+                root, "already holds a store (nothing changed; `lbrestore check` examines it)"
+            )
+        if entries:
+            raise StorePathError(root, "folder is not empty and holds no store")
         try:
             root.parent.mkdir(parents=True, exist_ok=True)
             for folder in (root, root / "data", root / "tmp"):
@@ -159,20 +196,30 @@ class Store(Closing):
         lock_timeout: float = 10.0,
         purpose: str | None = None,
         vm: str | None = None,
+        repair: bool = False,
+        readonly_index: bool = False,
     ) -> Store:
         """Open a store; for writing take the lock (waiting up to `lock_timeout`) and recover.
 
         A writer names the `vm` it writes: it takes that VM's writer lock only (writers of other
         VMs go on meanwhile), recovers only that VM, and may change only that VM. Without `vm`
-        a writer takes the whole store (init, check --repair) and recovers everything."""
+        a writer takes the whole store (init, check --repair) and recovers everything.
+
+        A writer is refused (StoreNeedsRepairError) while the index and data/ disagree, unless
+        `repair` (what `check --repair` does, holding the whole store: it rebuilds an unusable
+        index first). `readonly_index` opens a reader's index read-only (`check` records
+        nothing)."""
+        if repair and (vm is not None or not write):
+            raise ValueError("repair needs the whole store opened for writing")
         root = Path(path)
         with os_errors(root):
             if root.exists() and not root.is_dir():
                 raise StorePathError(root, "exists and is not a folder")
-            if not (root / INDEX_NAME).is_file():
-                raise StoreNotFoundError(root)
+            if not repair:
+                _check_index_usable(root)
         if not write:
-            store = cls(root, _open_index_for_reading(root), write=False, lock=None)
+            index = _open_index_for_reading(root, readonly=readonly_index)
+            store = cls(root, index, write=False, lock=None)
             store._reader_timeout = lock_timeout
             return store
         lock: StoreLock | VmWriteLock
@@ -185,6 +232,11 @@ class Store(Closing):
         try:
             if not os.access(root, os.W_OK):
                 raise StorePathError(root, "the store folder is not writable")
+            rebuilt = None
+            if not repair:
+                _check_index_usable(root)  # again: it may have changed while we waited
+            elif probe_index(root / INDEX_NAME, thorough=True) != "ok":
+                rebuilt = rebuild_index(root, _high_water(root))
             index = Index.open(root / INDEX_NAME, readonly=False)
         except (OSError, sqlite3.Error) as exc:
             lock.release()
@@ -194,19 +246,26 @@ class Store(Closing):
             raise
         store = cls(root, index, write=True, lock=lock)
         store.vm = vm
+        store.lock_timeout = lock_timeout
+        store.rebuilt = rebuilt
         try:
             store._make_private()
             with os_errors(root):
                 store._recover()
+            if not repair:
+                store._refuse_unknown_points()
         except BaseException:
             store.close()
             raise
         return store
 
     def close(self) -> None:
-        """Abort an unfinished ingest, close the index, drop the lock."""
+        """Abort an unfinished ingest, checkpoint what was written, close the index, unlock."""
         if self._ingest is not None:
             self._ingest.abort()
+        if self.write:
+            with contextlib.suppress(sqlite3.Error, StoreError):
+                self._index.checkpoint(0.0)  # events written after the last commit; no waiting
         self._index.close()
         for point_lock in self._point_locks.values():
             point_lock.release()
@@ -241,18 +300,7 @@ class Store(Closing):
             )
         leftovers = list(self.tmp_dir.iterdir())  # listed before pending rows are read
         others = {str(r["id"]) for r in self._index.pending_points() if not self._owns(r["vm"])}
-        for row in self._index.pending_points():
-            if not self._owns(row["vm"]):
-                continue  # another VM's writer may be writing it right now
-            removed = self._remove_point_files(row["vm"], row["id"])
-            self._index.forget_pending(row["id"])
-            self._index.record_event(
-                row["vm"],
-                "recovered",
-                f"discarded uncommitted restore point #{row['id']}",
-                point_id=row["id"],
-                details={"removed_files": removed},
-            )
+        self._recover_pending()
         leftovers = [p for p in leftovers if p.name not in others]
         for leftover in leftovers:
             if leftover.is_dir() and not leftover.is_symlink():
@@ -261,6 +309,7 @@ class Store(Closing):
                 leftover.unlink(missing_ok=True)
         if leftovers:  # an fsync of an unchanged folder still costs a journal commit
             fsync_dir(self.tmp_dir)
+            self.recovery_actions += [f"removed tmp/{p.name}" for p in leftovers]
         from lbstore.merge import finish_interrupted_merges  # merge builds on this module
 
         try:
@@ -268,24 +317,160 @@ class Store(Closing):
         except StoreError as exc:  # damage: the point stays marked, check --repair reports it
             self._index.record_event(self.vm, "merge-unfinished", str(exc))
             self.merge_problem = str(exc)
+        self.recovery_actions += [
+            f"finished the interrupted merge of {r.vm}@#{r.point_id}" for r in self.finished_merges
+        ]
         problems = [p for p in self._file_problems() if self._owns(p[0])]
         self.problems = [message for _, message in problems]
         self._log_new_problems(problems)
+        self._write_missing_sidecars()
+
+    def _recover_pending(self) -> None:
+        """Finish or discard every point begun and never committed.
+
+        Files and sidecars are renamed into data/ only after all are fsynced, and only then is
+        the index told; a point whose files and sidecars are all in data/ is therefore whole,
+        and it is committed from its sidecars (its transaction was lost, e.g. with the WAL, or
+        never ran). Anything less is discarded with its files.
+        """
+        pending = [r for r in self._index.pending_points() if self._owns(r["vm"])]
+        if not pending:
+            return  # another VM's pending point may be being written right now: not ours
+        scan = scan_data(self.data_dir, only_ids={row["id"] for row in pending})
+        for row in pending:
+            entry = scan.points.get(row["id"])
+            if entry is not None and entry.vm == row["vm"]:
+                self._index.forget_pending(row["id"])
+                report = RebuildReport()
+                adopt_points(self._index, scan, [row["id"]], report)
+                if report.recovered:
+                    message = (
+                        f"committed restore point #{row['id']} from its sidecars "
+                        "(its files were complete; the index had not recorded the commit)"
+                    )
+                    self.recovery_actions.append(message)
+                    self._index.record_event(
+                        row["vm"],
+                        "recovered",
+                        message,
+                        point_id=row["id"],
+                        details={"removed_files": []},
+                    )
+                    continue
+            else:
+                self._index.forget_pending(row["id"])
+            removed = self._remove_point_files(row["vm"], row["id"])
+            self.recovery_actions.append(
+                f"discarded uncommitted restore point #{row['id']} ({len(removed)} files)"
+            )
+            self._index.record_event(
+                row["vm"],
+                "recovered",
+                f"discarded uncommitted restore point #{row['id']}",
+                point_id=row["id"],
+                details={"removed_files": removed},
+            )
 
     def _owns(self, vm: str) -> bool:
         """True when this writer may recover and change `vm` (its own, or the whole store)."""
         return self.vm is None or vm == self.vm
 
     def _remove_point_files(self, vm: str, point_id: int) -> list[str]:
-        """Delete data/<vm>/*/<id>.qcow2 of an uncommitted point (renamed before a crash)."""
+        """Delete data/<vm>/*/<id>.{qcow2,point} of an uncommitted point (renamed before a
+        crash, incomplete); the index holds no committed row for this id."""
         removed: list[str] = []
-        if not is_valid_name(vm):
+        if not is_valid_name(vm) or self._index.committed_point(point_id) is not None:
             return removed
-        for path in sorted((self.data_dir / vm).glob(f"*/{point_id}.qcow2")):
-            path.unlink(missing_ok=True)
-            fsync_dir(path.parent)
-            removed.append(str(path.relative_to(self.data_dir)))
+        for suffix in (".qcow2", SIDECAR_SUFFIX):
+            for path in sorted((self.data_dir / vm).glob(f"*/{point_id}{suffix}")):
+                path.unlink(missing_ok=True)
+                fsync_dir(path.parent)
+                removed.append(str(path.relative_to(self.data_dir)))
         return removed
+
+    def _refuse_unknown_points(self) -> None:
+        """StoreNeedsRepairError when data/ names points the index does not know."""
+        known = self._index.point_ids()
+        unknown = sorted(set(point_names(self.data_dir)) - known)
+        if unknown:
+            shown = ", ".join(f"#{i}" for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise StoreNeedsRepairError(
+                self.path,
+                f"data/ holds {len(unknown)} restore point(s) the index does not know ({shown})",
+            )
+
+    def _write_missing_sidecars(self) -> None:
+        """Give every committed file without a sidecar one, from the index (older stores)."""
+        identity = self._index.identity().get("id")
+        disks_of: dict[int, list[dict[str, Any]]] = {}
+        for row in self._index.point_disks():
+            disks_of.setdefault(row["point_id"], []).append(row)
+        for point_id, rows in disks_of.items():
+            for row in rows:
+                path = sidecar_path_of_file(self.data_dir, row["file"])
+                if path.exists() or not (self.data_dir / row["file"]).is_file():
+                    continue
+                sidecar = self.sidecar_from_index(point_id, row["disk"], identity)
+                temporary = self.tmp_dir / f"backfill-{point_id}-{row['disk']}{SIDECAR_SUFFIX}"
+                temporary.unlink(missing_ok=True)
+                write_sidecar(temporary, sidecar)
+                os.chmod(temporary, (self.data_dir / row["file"]).stat().st_mode & 0o777)
+                rename_noreplace(temporary, path)
+                fsync_dir(path.parent)
+                self.recovery_actions.append(
+                    f"wrote the missing sidecar of {sidecar.vm}@#{point_id} disk {row['disk']}"
+                )
+
+    def sidecar_from_index(self, point_id: int, disk: str, store_id: str | None) -> Sidecar:
+        """The sidecar a committed point's disk has according to the index."""
+        point = self.point(point_id)
+        record = point.disk(disk)
+        if record is None:
+            raise StoreError(f"{point.vm}@#{point_id} has no disk {disk!r}")
+        chunks = tuple(self._index.checksum_rows(point_id, disk))
+        return Sidecar(
+            store_id=store_id,
+            point_id=point_id,
+            vm=point.vm,
+            created=point.created,
+            kind=point.kind,
+            definition=point.definition,
+            point_disks=tuple(d.name for d in point.disks),
+            disk=CommitDisk(
+                name=record.name,
+                file=record.file,
+                backing_point_id=record.backing_point_id,
+                mode=record.mode,
+                virtual_size=record.virtual_size,
+                cluster_size=record.cluster_size,
+                stored_bytes=record.stored_bytes,
+                checksums=chunks,
+            ),
+        )
+
+    # --- point ids and durability ----------------------------------------------------------------
+
+    def high_water(self) -> int:
+        """The highest point id ever given in this store, as far as anything on disk says."""
+        return _high_water(self.path)
+
+    def reserve_point_id(self, point_id: int) -> None:
+        """Record `point_id` as the high-water mark before any file carries it."""
+        replace_durably(self.path / HIGH_WATER_NAME, f"{point_id}\n".encode(), PRIVATE_FILE_MODE)
+
+    def make_durable(self) -> None:
+        """Checkpoint the index so committed transactions live in the main database file.
+
+        Waits up to the lock timeout for readers on an older snapshot; if they still hold it,
+        the commit stays in the WAL (durable there, and in the sidecars) and a warning says so.
+        """
+        if not self._index.checkpoint(self.lock_timeout):
+            self.warnings.append(
+                f"{self.path / INDEX_NAME}: a reader kept an old snapshot open for "
+                f"{self.lock_timeout:g}s, so the last commit is still only in the WAL file "
+                "(its sidecars hold it too; `lbrestore check --repair` restores it if the WAL "
+                "is lost)"
+            )
 
     def check_files(self) -> list[str]:
         """Problems between index and data/: committed files missing, unknown .qcow2 files."""
@@ -524,15 +709,53 @@ class Store(Closing):
         return self._index
 
 
-def _open_index_for_reading(root: Path) -> Index:
-    """A reader's index: read-write connection when possible (events), else immutable read-only.
+def _high_water(root: Path) -> int:
+    """The highest point id named by last-point-id, data/, lost+found/ or tmp/ (0 for none)."""
+    try:
+        text = (root / HIGH_WATER_NAME).read_text().strip()
+        recorded = int(text) if text.isdigit() else 0
+    except FileNotFoundError:
+        recorded = 0
+    except OSError as exc:
+        raise StorePathError(root, f"cannot read {HIGH_WATER_NAME}: {exc}") from exc
+    seen = [recorded, *point_names(root / "data"), *point_names(root / LOST_AND_FOUND)]
+    if (root / "tmp").is_dir():
+        seen += [int(p.name) for p in (root / "tmp").iterdir() if p.name.isdigit()]
+    return max(seen)
+
+
+def _check_index_usable(root: Path) -> None:
+    """Refuse a store whose index is missing, empty or unreadable while data/ holds points.
+
+    Without this, a writer would create a fresh index over old data (ids from 1 again, so file
+    names already used) and readers would say "no restore points" about a full store.
+    """
+    path = root / INDEX_NAME
+    state = probe_index(path)
+    if state == "ok":
+        return
+    holds_points = bool(point_names(root / "data"))
+    if state == "missing":
+        if holds_points:
+            raise IndexDamagedError(path, "the index is missing while data/ holds restore points")
+        raise StoreNotFoundError(root)
+    if state == "damaged":
+        raise IndexDamagedError(path, "the index is damaged (not readable as SQLite)")
+    if holds_points:
+        raise IndexDamagedError(path, "the index is empty while data/ holds restore points")
+
+
+def _open_index_for_reading(root: Path, *, readonly: bool = False) -> Index:
+    """A reader's index: read-write connection when possible (events), else read-only.
 
     A WAL database on a read-only filesystem cannot be opened normally once its -shm file is gone,
     so there it is opened as immutable: nothing can change it anyway.
     """
     path = root / INDEX_NAME
     try:
-        if os.access(root, os.W_OK):
+        if readonly and os.access(root, os.W_OK):
+            index = Index.open(path, readonly=True)
+        elif os.access(root, os.W_OK):
             index = Index.open(path, readonly=False, migrate=False)
         else:
             index = Index.open(path, readonly=True, immutable=True)

@@ -23,6 +23,7 @@ COMMAND_MODULES: dict[str, str] = {
     "verify": "restore_cmds",
     "merge": "merge_cmd",
     "prune": "prune_cmd",
+    "check": "check_cmd",
 }
 
 

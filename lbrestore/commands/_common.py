@@ -66,7 +66,10 @@ def with_store(*, write: bool = False) -> Callable[[Callable[..., Any]], Callabl
             with Store.open(
                 path, write=write, lock_timeout=lock_timeout(), purpose=purpose, vm=vm
             ) as store:
-                return func(store, *args, **kwargs)
+                result = func(store, *args, **kwargs)
+            for warning in store.warnings:  # e.g. a checkpoint an old reader kept partial
+                click.echo(f"lbrestore: warning: {warning}", err=True)
+            return result
 
         return wrapper
 

@@ -58,7 +58,7 @@ def assert_private(store: Path) -> None:
         path = store / name
         if path.is_dir():
             assert mode == 0o700, f"{name}: {mode:o}"
-        elif name.endswith(".qcow2"):
+        elif name.endswith((".qcow2", ".point")):  # committed files and their sidecars
             assert mode in (0o400, 0o600), f"{name}: {mode:o}"
         else:
             assert mode == 0o600, f"{name}: {mode:o}"

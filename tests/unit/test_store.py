@@ -22,6 +22,7 @@ from lbstore.errors import (
     ReadOnlyStoreError,
     StoreBusyError,
     StoreIntegrityError,
+    StoreNeedsRepairError,
     StoreNotFoundError,
     StorePathError,
 )
@@ -78,7 +79,8 @@ def random_disk(size: int, seed: int, zero_ranges: tuple[tuple[int, int], ...] =
 def test_init_creates_the_layout(store_path: Path) -> None:
     for name in ("index.sqlite", "lock", "data", "tmp"):
         assert (store_path / name).exists()
-    Store.init(store_path)  # idempotent
+    with pytest.raises(StorePathError, match="already holds a store"):
+        Store.init(store_path)  # never over an existing store, not even an empty one
     with Store.open(store_path) as store:
         assert store.restore_points() == []
 
@@ -417,15 +419,37 @@ def test_recovery_removes_an_uncommitted_point(store_path: Path) -> None:
         assert put(store, "vm1", {"vda": data}, mode="resync").id > ingest.point_id
 
 
-def test_recovery_after_rename_before_the_index_commit(store_path: Path) -> None:
+def test_recovery_commits_a_point_whose_files_and_sidecars_all_reached_data(
+    store_path: Path,
+) -> None:
     with Store.open(store_path, write=True) as store:
         put(store, "vm1", {"vda": bytes(random_disk(MIB, 13))})
     store = Store.open(store_path, write=True)
     ingest = store.begin("vm1")
     ingest.add_disk("vda", MIB).write(0, b"\x06" * MIB)
-    ingest._publish_files([])  # files renamed into data/, index not yet told
+    ingest._publish_files([])  # files and sidecars renamed into data/, index not yet told
     renamed = store_path / "data" / "vm1" / "vda" / f"{ingest.point_id}.qcow2"
-    assert renamed.exists()
+    assert renamed.exists() and renamed.with_suffix(".point").exists()
+    crash(store)
+    with Store.open(store_path, write=True) as store:
+        assert renamed.exists()
+        assert [p.id for p in store.restore_points()] == [1, ingest.point_id]
+        assert store.problems == []
+        event = store.events(kind="recovered")[0]
+        assert "from its sidecars" in event["message"]
+        with store.view(store.point(ingest.point_id), "vda") as view:
+            assert view.read(0, MIB) == b"\x06" * MIB
+
+
+def test_recovery_discards_a_point_whose_sidecar_never_reached_data(store_path: Path) -> None:
+    with Store.open(store_path, write=True) as store:
+        put(store, "vm1", {"vda": bytes(random_disk(MIB, 13))})
+    store = Store.open(store_path, write=True)
+    ingest = store.begin("vm1")
+    ingest.add_disk("vda", MIB).write(0, b"\x06" * MIB)
+    ingest._publish_files([])
+    renamed = store_path / "data" / "vm1" / "vda" / f"{ingest.point_id}.qcow2"
+    renamed.with_suffix(".point").unlink()  # the kill came between the two renames
     crash(store)
     with Store.open(store_path, write=True) as store:
         assert not renamed.exists()
@@ -439,21 +463,29 @@ def test_a_missing_committed_file_is_reported_not_hidden(store_path: Path) -> No
     with Store.open(store_path, write=True) as store:
         p1 = put(store, "vm1", {"vda": bytes(random_disk(MIB, 14))})
         p2 = put(store, "vm1", {"vda": bytes(random_disk(MIB, 15))}, mode="resync")
-    stray = store_path / "data" / "vm1" / "vda" / "77.qcow2"
-    stray.write_bytes(b"not ours")
     (store_path / "data" / p1.disks[0].file).unlink()
     with Store.open(store_path, write=True) as store:
-        assert store.problems == [
-            f"missing file data/{p1.disks[0].file}",
-            "unknown file data/vm1/vda/77.qcow2 (not in the index; left alone)",
-        ]
-        assert len(store.events(kind="integrity")) == 2
+        assert store.problems == [f"missing file data/{p1.disks[0].file}"]
+        assert len(store.events(kind="integrity")) == 1
         assert [p.id for p in store.restore_points()] == [p1.id, p2.id]  # nothing forgotten
         with pytest.raises(StoreIntegrityError):
             store.view(p2, "vda")
-    assert stray.exists()
     with Store.open(store_path, write=True) as store:  # reported once, not at every open
-        assert len(store.events(kind="integrity")) == 2
+        assert len(store.events(kind="integrity")) == 1
+
+
+def test_an_unknown_file_in_data_refuses_writes_and_is_left_alone(store_path: Path) -> None:
+    with Store.open(store_path, write=True) as store:
+        put(store, "vm1", {"vda": bytes(random_disk(MIB, 14))})
+    stray = store_path / "data" / "vm1" / "vda" / "77.qcow2"
+    stray.write_bytes(b"not ours")
+    with pytest.raises(StoreNeedsRepairError, match=r"#77.*check --repair"):
+        Store.open(store_path, write=True)
+    with Store.open(store_path) as store:  # readers go on, and are told
+        assert store.check_files() == [
+            "unknown file data/vm1/vda/77.qcow2 (not in the index; left alone)"
+        ]
+    assert stray.read_bytes() == b"not ours"
 
 
 def test_a_broken_chain_refuses_incrementals_and_resyncs_into_a_full(store_path: Path) -> None:
