@@ -224,6 +224,15 @@ def _check_with_index(store: Store, report: CheckReport) -> None:
                 [address],
             )
         )
+    for row in store.index.merges():
+        report.add(
+            Problem(
+                "interrupted-merge",
+                f"the merge removing point #{row['point_id']} of {row['vm']} was interrupted "
+                f"(step {row['step']}) or is running now; --repair finishes it",
+                [f"{row['vm']}@#{row['point_id']}"],
+            )
+        )
     for row in store.index.pending_points():
         report.add(
             Problem(

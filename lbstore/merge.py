@@ -251,7 +251,9 @@ def _run(
         if successor.id not in result.successors:
             result.successors.append(successor.id)
     retire = bool(plan.get("reader_held"))
-    store.index.remove_merged_point(point.id, _with_kinds(store, merged), retire=retire)
+    successors = _with_kinds(store, merged)
+    store.rewrite_sidecars_for_merge(successors)  # sidecars first: the index follows them
+    store.index.remove_merged_point(point.id, successors, retire=retire)
     steps.done("index")
     _drop_files(store, plan, result)
     store.index.end_merge(point.id)
@@ -297,6 +299,8 @@ def _drop_files(store: Store, plan: dict[str, Any], result: MergeResult) -> None
     """Delete the removed point's files ("down" files were renamed already)."""
     folders = set()
     for entry in plan["disks"]:
+        store.remove_sidecar(entry["file"])
+        folders.add((store.data_dir / entry["file"]).parent)
         if entry["direction"] == "down":
             continue
         path = store.data_dir / entry["file"]

@@ -26,13 +26,14 @@ Writing a restore point lives in lbstore.ingest, reading one in lbstore.view.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ from lbstore.errors import (
     StorePathError,
 )
 from lbstore.fsutil import fsync_dir, rename_noreplace, replace_durably
-from lbstore.index import INDEX_NAME, CommitDisk, Index, probe_index
+from lbstore.index import INDEX_NAME, CommitDisk, Index, MergedDisk, probe_index
 from lbstore.lock import PointLock, StoreLock, VmWriteLock, vm_lock_holders
 from lbstore.model import DiskRecord, RestorePoint, parse_utc
 from lbstore.names import check_disk_name, check_vm_name, is_valid_name
@@ -65,6 +66,7 @@ from lbstore.rebuild import RebuildReport, adopt_points, point_names, rebuild_in
 from lbstore.sidecar import (
     SIDECAR_SUFFIX,
     Sidecar,
+    rewrite_sidecar,
     sidecar_path_of_file,
     write_sidecar,
 )
@@ -447,6 +449,35 @@ class Store(Closing):
                 checksums=chunks,
             ),
         )
+
+    def rewrite_sidecars_for_merge(self, merged: Sequence[MergedDisk]) -> None:
+        """Before a merge's index transaction: give each successor the sidecars it will have
+        after it (its new kind on every disk; new backing, mode, size and checksums on the
+        merged disks), each replaced atomically (lbstore.sidecar.rewrite_sidecar). A crash
+        leaves old or new sidecars; the merge journal finishes the merge either way."""
+        store_id = self.identity().get("id")
+        for point_id in sorted({m.point_id for m in merged}):
+            point = self.point(point_id)
+            changes = {m.name: m for m in merged if m.point_id == point_id}
+            kind = next(iter(changes.values())).point_kind
+            for record in point.disks:
+                old = self.sidecar_from_index(point_id, record.name, store_id)
+                disk = old.disk
+                change = changes.get(record.name)
+                if change is not None:
+                    disk = dataclasses.replace(
+                        disk,
+                        backing_point_id=change.backing_point_id,
+                        stored_bytes=change.stored_bytes,
+                        mode=change.mode,
+                        checksums=change.checksums,
+                    )
+                rewrite_sidecar(self.data_dir, dataclasses.replace(old, kind=kind, disk=disk))
+
+    def remove_sidecar(self, file: str) -> None:
+        """After a merge's index transaction: delete the removed point's sidecar of the data
+        file `file` (relative to data/); its folder is fsynced by the caller."""
+        sidecar_path_of_file(self.data_dir, file).unlink(missing_ok=True)
 
     # --- point ids and durability ----------------------------------------------------------------
 

@@ -163,3 +163,22 @@ def test_what_cannot_be_repaired_is_named_and_left_alone(
     assert "cannot be repaired without losing data" in repaired.stdout
     assert {p.name: digest(p) for p in folder.iterdir()} == before  # nothing touched
     assert "Traceback" not in repaired.stderr
+
+
+def test_sidecars_follow_a_merge_and_rebuild_the_merged_chain(
+    store: tuple[Path, dict[int, Path]],
+) -> None:
+    root, images = store
+    merged = lbrestore(root, "merge", "vm1@#2")
+    assert merged.returncode == 0, merged.stderr
+    folder = root / "data" / "vm1" / "vda"
+    assert sorted(p.name for p in folder.iterdir()) == ["1.point", "1.qcow2", "3.point", "3.qcow2"]
+    assert lbrestore(root, "check").returncode == 0  # sidecars say what the index says
+    (root / "index.sqlite").write_bytes(b"")
+    repaired = lbrestore(root, "check", "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "recovered 2 restore points" in repaired.stdout
+    del images[2]
+    assert_exact(root, images)
+    imported = lbrestore(root, "import", "vm1", "--disk", f"vda={images[3]}")
+    assert "vm1@#4 " in imported.stdout, imported.stderr  # #2 is never given again
