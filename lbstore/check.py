@@ -197,7 +197,7 @@ def _check_with_index(store: Store, report: CheckReport) -> None:
                 problem.points = chains.dependents(point.id, record.name)
                 report.add(problem)
     scan = scan_data(store.data_dir)
-    known_ids = store.index.point_ids()
+    known_ids = store.index.point_ids() | store.index.merging_point_ids()
     unknown = [i for i in sorted(scan.points) if i not in known_ids]
     known_disks = {(p.id, d.name) for p in points for d in p.disks}
     for point_id in unknown:

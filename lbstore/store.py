@@ -392,7 +392,9 @@ class Store(Closing):
 
     def _refuse_unknown_points(self) -> None:
         """StoreNeedsRepairError when data/ names points the index does not know."""
-        known = self._index.point_ids()
+        # Ids a merge is removing are known too: its journal row outlives the point's rows
+        # until the files are gone (another VM's writer may open in between).
+        known = self._index.point_ids() | self._index.merging_point_ids()
         unknown = sorted(set(point_names(self.data_dir)) - known)
         if unknown:
             shown = ", ".join(f"#{i}" for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
