@@ -223,6 +223,13 @@ class Store(Closing):
             index = _open_index_for_reading(root, readonly=readonly_index)
             store = cls(root, index, write=False, lock=None)
             store._reader_timeout = lock_timeout
+            if not readonly_index:  # check (read-only index) reports them itself
+                try:
+                    with os_errors(root):
+                        store._refuse_unknown_points(reading=True)
+                except BaseException:
+                    store.close()
+                    raise
             return store
         lock: StoreLock | VmWriteLock
         if vm is not None:
@@ -390,18 +397,54 @@ class Store(Closing):
                 removed.append(str(path.relative_to(self.data_dir)))
         return removed
 
-    def _refuse_unknown_points(self) -> None:
-        """StoreNeedsRepairError when data/ names points the index does not know."""
-        # Ids a merge is removing are known too: its journal row outlives the point's rows
-        # until the files are gone (another VM's writer may open in between).
-        known = self._index.point_ids() | self._index.merging_point_ids()
-        unknown = sorted(set(point_names(self.data_dir)) - known)
-        if unknown:
-            shown = ", ".join(f"#{i}" for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            raise StoreNeedsRepairError(
-                self.path,
-                f"data/ holds {len(unknown)} restore point(s) the index does not know ({shown})",
+    def _refuse_unknown_points(self, *, reading: bool = False) -> None:
+        """Refuse a store whose data/ names points the index does not know (a commit lost with
+        its WAL, an index restored from an older copy): a writer could reuse their ids, a
+        reader would answer without them. StoreNeedsRepairError for writers, IndexDamagedError
+        for readers; both name `lbrestore check --repair`."""
+        unknown = self._unknown_points()
+        if not unknown:
+            return
+        shown = ", ".join(f"#{i}" for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        if reading:
+            raise IndexDamagedError(
+                self.path / INDEX_NAME,
+                f"the index does not know {len(unknown)} restore point(s) that data/ holds "
+                f"({shown})",
             )
+        raise StoreNeedsRepairError(
+            self.path,
+            f"data/ holds {len(unknown)} restore point(s) the index does not know ({shown})",
+        )
+
+    def _unknown_points(self) -> list[int]:
+        """Ids named in data/ that the index has no row (or merge journal entry) for.
+
+        data/ is listed before the index is read: a writer's pending row is committed before
+        its files are placed, and a merge's journal row outlives the removed point's rows until
+        its files are gone. A merge that ends between the two reads is ruled out by looking
+        once more."""
+        unknown: list[int] = []
+        for _ in range(2):
+            names = point_names(self.data_dir)
+            known = self._index.point_ids() | self._index.merging_point_ids()
+            unknown = sorted(set(names) - known) + self._lost_commits(names)
+            if not unknown:
+                break
+        return sorted(set(unknown))
+
+    def _lost_commits(self, names: dict[int, list[str]]) -> list[int]:
+        """Pending points whose sidecars are already in data/ while no writer of their VM is
+        alive: their commit was lost (a damaged or lost WAL), not still on its way. (A writer
+        places files and sidecars just before it commits, holding its VM's lock.)"""
+        if self.write:
+            return []  # a writer's recovery commits them from their sidecars
+        lost = []
+        for row in self._index.pending_points():
+            placed = any(n.endswith(SIDECAR_SUFFIX) for n in names.get(row["id"], []))
+            if placed and not _writer_alive(self.path, row["vm"]):
+                lost.append(row["id"])
+        return lost
 
     def _write_missing_sidecars(self) -> None:
         """Give every committed file without a sidecar one, from the index (older stores)."""
@@ -740,6 +783,26 @@ class Store(Closing):
     def index(self) -> Index:
         """The index (for lbstore's own modules: ingest, verify, merge)."""
         return self._index
+
+
+def _writer_alive(root: Path, vm: str) -> bool:
+    """True when the store's lock file or `vm`'s writer lock file names a live process (a clean
+    release empties the holder text; text naming a dead pid is a crash's)."""
+    for path in (root / "lock", root / "locks" / f"vm-{vm}.lock"):
+        try:
+            holder = json.loads(path.read_text() or "null")
+            pid = int(holder["pid"]) if holder else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pid > 0:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                return True
+            return True
+    return False
 
 
 def _high_water(root: Path) -> int:

@@ -62,15 +62,9 @@ _LOST_ZERO_MARK = (
     "through to the backing file (restore exits 0 with wrong bytes, verify sees nothing, a "
     "mount serves them)"
 )
-_LOST_COMMIT = (
-    "issue 8 items 1-2 (durability): a WAL frame of a commit that lives only in the WAL is "
-    "damaged, SQLite drops the commit, and `list` exits 0 without that point although its "
-    "file (and sidecar) are in data/: the index disagrees with data/ and nobody says so"
-)
 # (pattern of a failure line, reason): known failures, each reproduced by a strict xfail below.
 KNOWN_KINDS: list[tuple[str, str]] = [
     (r"^seed \d+: l[12]: .*: lbrestore mount .*: mount served wrong bytes", _LOST_ZERO_MARK),
-    (r"^seed \d+: wal: .*: lbrestore list --json: exit 0 but list differs", _LOST_COMMIT),
 ]
 
 
@@ -799,7 +793,6 @@ def test_a_damaged_wal_never_makes_a_command_lie(wal_campaign: Campaign, tmp_pat
     assert unexpected(failures, Counter()) == []
 
 
-@pytest.mark.xfail(strict=True, reason=_LOST_COMMIT)
 def test_a_damaged_wal_frame_does_not_drop_a_commit_silently(
     wal_campaign: Campaign, tmp_path: Path
 ) -> None:

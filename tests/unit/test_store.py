@@ -17,6 +17,7 @@ import pytest
 
 from lbstore.checksums import zero_digest
 from lbstore.errors import (
+    IndexDamagedError,
     IngestError,
     InvalidNameError,
     ReadOnlyStoreError,
@@ -481,7 +482,9 @@ def test_an_unknown_file_in_data_refuses_writes_and_is_left_alone(store_path: Pa
     stray.write_bytes(b"not ours")
     with pytest.raises(StoreNeedsRepairError, match=r"#77.*check --repair"):
         Store.open(store_path, write=True)
-    with Store.open(store_path) as store:  # readers go on, and are told
+    with pytest.raises(IndexDamagedError, match=r"#77.*check --repair"):
+        Store.open(store_path)  # a reader would answer without it
+    with Store.open(store_path, readonly_index=True) as store:  # what `check` opens
         assert store.check_files() == [
             "unknown file data/vm1/vda/77.qcow2 (not in the index; left alone)"
         ]
