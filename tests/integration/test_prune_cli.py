@@ -1,7 +1,8 @@
 """`lbrestore prune`: dry runs, --json, the configuration file, --all, and bad input.
 
-The stores are built in this process with the importer (the same code as `import --at`); the
-command runs as a real `python -m lbrestore` process so exit codes and stderr are the contract's.
+The stores are built in this process with the importer (the same code as `import --at`). The
+command runs as a real `python -m lbrestore` process where time zones matter; the many bad-input
+cases call the same console entry point in this process (its error handler and exit codes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lbrestore.cli import main
 from lbstore.importer import import_images
 from lbstore.store import Store
 
@@ -28,6 +30,17 @@ def lbrestore(store: Path, *args: str, tz: str = "UTC") -> subprocess.CompletedP
         check=False,
         env={"PATH": "/usr/bin:/bin", "TZ": tz, "HOME": str(store.parent)},
     )
+
+
+def in_process(
+    capsys: pytest.CaptureFixture[str], store: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """The console entry point run in this process (same handler and exit codes, no start-up)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--store", str(store), *args])
+    captured = capsys.readouterr()
+    code = exited.value.code if isinstance(exited.value.code, int) else 1
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def assert_one_line(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
@@ -166,9 +179,13 @@ def test_all_skips_vms_without_a_policy(store_path: Path, tmp_path: Path) -> Non
     ],
 )
 def test_bad_input_is_one_line(
-    store_path: Path, args: tuple[str, ...], code: int, text: str
+    store_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: tuple[str, ...],
+    code: int,
+    text: str,
 ) -> None:
-    result = lbrestore(store_path, "prune", *args)
+    result = in_process(capsys, store_path, "prune", *args)
     assert_one_line(result, code, text)
     assert point_ids(store_path, "vm1") == list(range(1, 9))
 
@@ -184,11 +201,11 @@ def test_bad_input_is_one_line(
     ],
 )
 def test_a_malformed_configuration_is_one_line_naming_the_key(
-    store_path: Path, config: str, text: str
+    store_path: Path, capsys: pytest.CaptureFixture[str], config: str, text: str
 ) -> None:
     (store_path / "lbrestore.toml").write_text(config)
     for args in (("--all",), ("vm1", "--keep-last", "1", "--dry-run")):
-        result = lbrestore(store_path, "prune", *args)
+        result = in_process(capsys, store_path, "prune", *args)
         assert_one_line(result, 2, text)
         assert "lbrestore.toml" in result.stderr
     assert point_ids(store_path, "vm1") == list(range(1, 9))
