@@ -439,11 +439,11 @@ def repair_store(root: Path, *, lock_timeout: float = 10.0) -> CheckReport:
         done += _recovery_actions(store)
         done += _adopt_unindexed(store, lost)
         done += _rewrite_sidecars(store)
-        done += _repair_leaks(store, lost)
         done += _move_orphans(store)
+        report = check_store(root)  # under the lock: nothing changes meanwhile
+        done += _repair_leaks(store, report, lost)
         if done:
             store.record_event(None, "repaired", "; ".join(done)[:2000], actions=done)
-    report = check_store(root)
     report.repaired = done
     report.unrepaired = [f"could not recover {line}" for line in lost]
     report.rebuilt = rebuilt
@@ -498,33 +498,30 @@ def _rewrite_sidecars(store: Store) -> list[str]:
     return done
 
 
-def _repair_leaks(store: Store, lost: list[str]) -> list[str]:
-    """Lower the refcounts of leaked clusters in committed files (lbstore.qcow2.consistency).
+def _repair_leaks(store: Store, report: CheckReport, lost: list[str]) -> list[str]:
+    """Lower the refcounts of leaked clusters in the files the check found leaky
+    (lbstore.qcow2.consistency), and drop those problems from the report once fixed.
 
     Only refcounts of clusters nothing references change, so every read stays the same; a file
-    with corruptions is refused by repair_leaks and reported by the check that follows. A
-    committed file is read-only (0400): it is made writable for its owner for the repair only.
+    with corruptions is refused by repair_leaks and stays reported. A committed file is
+    read-only (0400): it is made writable for its owner for the repair only.
     """
     done = []
-    for point in store.restore_points():
-        for record in point.disks:
-            path = store.data_dir / record.file
-            try:
-                if not path.is_file() or check_image(path).leaks == 0:
-                    continue
-            except (Qcow2Error, OSError):
-                continue  # the check that follows names it
-            mode = stat.S_IMODE(path.stat().st_mode)
-            os.chmod(path, mode | stat.S_IWUSR)
-            try:
-                result = repair_leaks(path)
-            except (Qcow2Error, OSError) as exc:
-                lost.append(f"leaks of data/{record.file}: {exc}")
-                continue
-            finally:
-                os.chmod(path, mode)
-            if result.repaired:
-                done.append(f"repaired {result.repaired} leaked cluster(s) of data/{record.file}")
+    for problem in [p for p in report.problems if p.kind == "leak" and p.path]:
+        path = store.path / str(problem.path)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        os.chmod(path, mode | stat.S_IWUSR)
+        try:
+            result = repair_leaks(path)
+        except (Qcow2Error, OSError) as exc:
+            lost.append(f"leaks of {problem.path}: {exc}")
+            continue
+        finally:
+            os.chmod(path, mode)
+        if result.repaired:
+            done.append(f"repaired {result.repaired} leaked cluster(s) of {problem.path}")
+        if check_image(path).leaks == 0:
+            report.problems.remove(problem)
     return done
 
 
