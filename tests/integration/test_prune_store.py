@@ -40,9 +40,12 @@ def prune(store: Path, *args: str) -> dict[str, object]:
 
 
 def assert_stores_only_what_kept_points_need(store: Path, tmp_path: Path) -> None:
-    """merge's checks: each file stores no more clusters than its point needs over the point
-    below, the checksum rows list exactly those clusters, no leaks or corruptions."""
+    """merge's checks (each file stores no more clusters than its point needs over the point
+    below, the checksum rows list exactly those clusters, no leaks or corruptions), then
+    `lbrestore check` finds nothing."""
     assert_store_reads(store, {p: {"vda": tmp_path / f"{p}.raw"} for p in files(store)})
+    checked = lbrestore(store, "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_prune_with_several_policies_keeps_every_kept_point_exact(tmp_path: Path) -> None:
