@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from lbrestore.commands._common import echo_json, format_size, json_option, with_store
-from lbrestore.errors import UsageError
-from lbstore.errors import AddressError, InvalidNameError
+from lbstore.errors import AddressError
 from lbstore.merge import MergeResult, merge_point
 from lbstore.names import check_vm_name
 from lbstore.store import Store
@@ -25,10 +24,7 @@ def merge_command(address: str, as_json: bool) -> None:
     Mounts and restores that have the point open keep reading it until they finish.
     """
     vm = address.partition("@")[0]
-    try:
-        check_vm_name(vm)
-    except InvalidNameError as exc:  # a usage error here, like any address matching nothing
-        raise UsageError(str(exc)) from exc
+    check_vm_name(vm)  # a bad name is a usage error (exit 2), as everywhere
     result = _run_merge(vm=vm, address=address)
     if as_json:
         echo_json(result.to_json())
@@ -40,11 +36,11 @@ def merge_command(address: str, as_json: bool) -> None:
 def _run_merge(store: Store, vm: str, address: str) -> MergeResult:
     try:
         point = store.resolve(address)
-    except AddressError as exc:
+    except AddressError:
         for finished in store.finished_merges:  # this merge was interrupted; opening ended it
             if address == f"{vm}@#{finished.point_id}":
                 return finished
-        raise UsageError(str(exc)) from exc
+        raise  # malformed: usage (2); well-formed but matching nothing: runtime (1), as info
     return merge_point(store, point)
 
 

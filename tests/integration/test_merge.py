@@ -45,10 +45,16 @@ def test_merges_at_start_middle_and_end_of_a_50_point_chain(
     assert lbrestore(store_path, "verify", "vm1").returncode == 0
 
 
-def test_a_spec_matching_nothing_is_one_line_and_exit_2(store_path: Path, tmp_path: Path) -> None:
+def test_bad_specs_are_one_line_with_the_contract_exit_code(
+    store_path: Path, tmp_path: Path
+) -> None:
+    """Usage errors (bad name, malformed spec) exit 2; a spec matching nothing exits 1, as for
+    info, restore and verify."""
     build_chain(store_path, tmp_path / "images", 2)
-    for spec in ("vm1@#999", "vm2@latest", "vm1@2020-01-01", "bad name@#1"):
+    cases = [("vm1@#999", 1), ("vm2@latest", 1), ("vm1@2020-01-01", 1), ("bad name@#1", 2)]
+    cases += [("vm1@soon", 2), ("vm1@#\uff11", 2)]  # a fullwidth digit
+    for spec, code in cases:
         done = lbrestore(store_path, "merge", spec)
-        assert done.returncode == 2, (spec, done.stderr)
+        assert done.returncode == code, (spec, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert lbrestore(store_path, "merge", "--help").returncode == 0
