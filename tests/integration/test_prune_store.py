@@ -48,9 +48,20 @@ def assert_stores_only_what_kept_points_need(store: Path, tmp_path: Path) -> Non
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_prune_with_several_policies_keeps_every_kept_point_exact(tmp_path: Path) -> None:
-    store = build(tmp_path, "vm1", 24, seed=1)
+def test_merges_then_prunes_of_a_50_point_chain_keep_every_kept_point_exact(
+    tmp_path: Path,
+) -> None:
+    """Issue 9's story on one chain: 50 points over weeks, merges at its start, middle and end,
+    then prunes with several policies; after each step every point left reads exactly."""
+    store = build(tmp_path, "vm1", 50, seed=1)
     assert_exact(store, tmp_path)
+    for pick in (lambda ids: ids[0], lambda ids: ids[len(ids) // 2], lambda ids: ids[-1]):
+        point_id = pick(sorted(files(store)))
+        merged = lbrestore(store, "merge", f"vm1@#{point_id}")
+        assert merged.returncode == 0, merged.stderr
+        assert point_id not in files(store)
+        assert_exact(store, tmp_path)
+    assert_stores_only_what_kept_points_need(store, tmp_path)
     first = prune(store, "--keep-last", "3", "--keep-daily", "5", "--keep-weekly", "2")
     assert first["removed"] > 0 and first["freed_bytes"] > 0 and first["copied_bytes"] > 0
     assert_exact(store, tmp_path)
