@@ -18,7 +18,6 @@ restore into that folder.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -30,16 +29,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from lbrestore.errors import AppError, UsageError
+from lbstore.fsutil import RENAME_EXCHANGE, RENAME_NOREPLACE, fsync_dir, renameat2
 
 NBD_SCHEMES = ("nbd", "nbd+unix", "nbds", "nbds+unix")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):", re.ASCII)
 STAGE_MARK = ".lbrestore-"
 RESTORE_OUTPUT = re.compile(r"(start-.*\.sh|.*\.(qcow2|raw|xml))(\.lbrestore-partial)?", re.ASCII)
 """Names of the files a restore writes (disks, start script, XML), final or temporary."""
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
 
 
 class RestoreError(AppError):
@@ -192,7 +188,7 @@ class StagedFolder:
             return
         if not os.path.lexists(self.target):
             try:
-                _renameat2(self.path, self.target, _RENAME_NOREPLACE)
+                renameat2(self.path, self.target, RENAME_NOREPLACE)
                 self._done()
                 return
             except FileExistsError:
@@ -212,7 +208,7 @@ class StagedFolder:
         """Into an empty, fixed folder: file by file, never replacing one, the start script last
         (so a killed restore that left no start script is recognisably incomplete)."""
         for name in sorted(names, key=lambda n: n.startswith("start-")):
-            _renameat2(self.path / name, self.target / name, _RENAME_NOREPLACE)
+            renameat2(self.path / name, self.target / name, RENAME_NOREPLACE)
         self._done()
 
     def _carry_over(self, names: set[str]) -> set[str]:
@@ -236,7 +232,7 @@ class StagedFolder:
     def _exchange(self) -> None:
         """Swap stage and target in one step (two renames where the filesystem cannot)."""
         try:
-            _renameat2(self.path, self.target, _RENAME_EXCHANGE)
+            renameat2(self.path, self.target, RENAME_EXCHANGE)
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.ENOSYS):
                 raise
@@ -258,10 +254,10 @@ class StagedFolder:
                     os.unlink(entry.path)
             else:
                 with contextlib.suppress(OSError):
-                    _renameat2(Path(entry.path), self.target / entry.name, _RENAME_NOREPLACE)
+                    renameat2(Path(entry.path), self.target / entry.name, RENAME_NOREPLACE)
 
     def _done(self) -> None:
-        _fsync_dir(self.parent)
+        fsync_dir(self.parent)
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
         self._close()
@@ -327,22 +323,3 @@ def _process_alive(pid: int) -> bool:
     except OSError:
         return True
     return True
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _renameat2(source: Path, target: Path, flags: int) -> None:
-    """renameat2(2) (glibc >= 2.28): NOREPLACE or EXCHANGE, which os.rename cannot ask for."""
-    result = _libc.renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags)
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(source), None, str(target))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,7 +20,10 @@ import os
 from pathlib import Path
 
 _AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
+RENAME_NOREPLACE = 1
+"""renameat2 flag: fail with EEXIST instead of replacing the target."""
+RENAME_EXCHANGE = 2
+"""renameat2 flag: swap the two names atomically (both must exist)."""
 _NO_RENAMEAT2_ERRNOS = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
@@ -38,7 +41,20 @@ def _load_renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return function
 
 
-_renameat2 = _load_renameat2()
+_libc_renameat2 = _load_renameat2()
+
+
+def renameat2(source: Path, target: Path, flags: int) -> None:
+    """renameat2(2) with RENAME_NOREPLACE or RENAME_EXCHANGE, which os.rename cannot ask for.
+
+    OSError on failure; ENOSYS where the C library has no renameat2, EINVAL where the
+    filesystem does not support the flag (callers that can do without it fall back).
+    """
+    if _libc_renameat2 is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), str(source), None, str(target))
+    if _libc_renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(source), None, str(target))
 
 
 def fsync_dir(path: Path) -> None:
@@ -55,18 +71,28 @@ def rename_noreplace(source: Path, target: Path) -> None:
 
     Neither directory is fsynced here: callers placing several files fsync each folder once.
     """
-    if _renameat2 is not None:
-        result = _renameat2(
-            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
-        )
-        if result == 0:
-            return
-        code = ctypes.get_errno()
-        if code not in _NO_RENAMEAT2_ERRNOS:
-            raise OSError(code, os.strerror(code), str(target))
+    try:
+        renameat2(source, target, RENAME_NOREPLACE)
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_RENAMEAT2_ERRNOS:
+            raise
     # The filesystem has no RENAME_NOREPLACE: a hard link never replaces an existing name.
     os.link(source, target, follow_symlinks=False)
     os.unlink(source)
+
+
+def _write_synced(fd: int, content: bytes, mode: int) -> None:
+    """Give an open file `mode`, write all of `content`, fsync it, close it."""
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(content)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_durably(path: Path, content: bytes, mode: int = 0o600) -> None:
@@ -74,15 +100,7 @@ def replace_durably(path: Path, content: bytes, mode: int = 0o600) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(content)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(fd, content, mode)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -98,15 +116,7 @@ def write_new_durably(path: Path, content: bytes, mode: int = 0o600) -> None:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(content)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(fd, content, mode)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)  # ours: O_EXCL created it

@@ -42,6 +42,7 @@ from lbstore.checksums import (
     cluster_digest,
 )
 from lbstore.errors import DamagedClusterError, Qcow2Error, StoreError
+from lbstore.fsutil import fsync_dir
 from lbstore.index import MergedDisk
 from lbstore.lock import PointLock
 from lbstore.model import DiskRecord, RestorePoint
@@ -308,7 +309,7 @@ def _drop_files(store: Store, plan: dict[str, Any], result: MergeResult) -> None
             path.unlink()
             folders.add(path.parent)
     for folder in folders:
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 @contextlib.contextmanager
@@ -333,14 +334,6 @@ def _release_leaks(store: Store, plan: dict[str, Any]) -> None:
         if entry["direction"] != "drop" and path.is_file():
             with _writable(path), Qcow2Editor.open(path) as editor:
                 editor.release_leaks()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- reading verified clusters ------------------------------------------------------------------
@@ -519,7 +512,7 @@ def _fold_down(
 
         _copy_clusters(store, successor, disk, s_image, _everything, apply)
     os.rename(p_path, s_path)
-    _fsync_dir(s_path.parent)
+    fsync_dir(s_path.parent)
     steps.done("rename")
 
 
