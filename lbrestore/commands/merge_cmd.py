@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lbrestore.commands._common import echo_json, format_size, json_option, with_store
+from lbrestore.errors import UsageError
 from lbstore.errors import AddressError
 from lbstore.merge import MergeResult, merge_point
 from lbstore.names import check_vm_name
@@ -23,8 +24,13 @@ def merge_command(address: str, as_json: bool) -> None:
     the next point; the newest point is simply dropped (the VM's next backup resyncs).
     Mounts and restores that have the point open keep reading it until they finish.
     """
-    vm = address.partition("@")[0]
+    vm, at, spec = address.partition("@")
     check_vm_name(vm)  # a bad name is a usage error (exit 2), as everywhere
+    if not at or not spec:  # `merge vm1` would quietly mean vm1@latest: removing needs a name
+        raise UsageError(
+            f"{address!r}: merge removes one restore point; name it as VM@SPEC "
+            f"(e.g. {vm}@#ID or {vm}@latest; `lbrestore list {vm}` shows them)"
+        )
     result = _run_merge(vm=vm, address=address)
     if as_json:
         echo_json(result.to_json())

@@ -53,8 +53,10 @@ def test_bad_specs_are_one_line_with_the_contract_exit_code(
     build_chain(store_path, tmp_path / "images", 2)
     cases = [("vm1@#999", 1), ("vm2@latest", 1), ("vm1@2020-01-01", 1), ("bad name@#1", 2)]
     cases += [("vm1@soon", 2), ("vm1@#\uff11", 2)]  # a fullwidth digit
+    cases += [("vm1", 2), ("vm1@", 2)]  # no point named: never a silent vm1@latest
     for spec, code in cases:
         done = lbrestore(store_path, "merge", spec)
         assert done.returncode == code, (spec, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert len(json.loads(lbrestore(store_path, "list", "--json").stdout)) == 2  # none removed
     assert lbrestore(store_path, "merge", "--help").returncode == 0
