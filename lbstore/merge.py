@@ -41,7 +41,7 @@ from lbstore.checksums import (
     DigestLookup,
     cluster_digest,
 )
-from lbstore.errors import DamagedClusterError, Qcow2Error, StoreError
+from lbstore.errors import DamagedClusterError, Qcow2Error, StoreBusyError, StoreError
 from lbstore.fsutil import fsync_dir
 from lbstore.index import MergedDisk
 from lbstore.lock import PointLock
@@ -168,12 +168,48 @@ def merge_point(store: Store, point: RestorePoint) -> MergeResult:
     if point.id in store.index.merging_point_ids():
         return _finish(store, point.id, started)
     point_lock = PointLock(store.path, point.id)
+    newer = _hold_newer_points(store, point)
     try:
         plan = _plan(store, point, point_lock)
         store.index.begin_merge(point.id, point.vm, plan)
         return _run(store, point, plan, _Steps(), started)
     finally:
         point_lock.release()
+        for lock in newer:
+            lock.release()
+
+
+def _hold_newer_points(store: Store, point: RestorePoint) -> list[PointLock]:
+    """Hold every newer point of the VM exclusively for the merge, or raise StoreBusyError.
+
+    A reader of a point above the removed one checks each file's clusters against the index as
+    it reads (lbstore.integrity); the merge changes what the successor maps and lists, so such
+    a reader would see damage that is not there. A reader of the removed point itself is fine
+    (the merge then leaves that point's file alone); readers of newer points make the merge
+    wait up to the store's lock timeout, then refuse; new readers of them wait for the merge.
+    """
+    held: list[PointLock] = []
+    deadline = time.monotonic() + store.lock_timeout
+    try:
+        for other in store.restore_points(point.vm):
+            if other.id == point.id or other.created < point.created:
+                continue
+            lock = PointLock(store.path, other.id)
+            while not lock.try_exclusive():
+                if time.monotonic() >= deadline:
+                    raise StoreBusyError(
+                        store.path,
+                        f"a reader of {other.vm}@#{other.id} (mount, restore or verify), whose "
+                        f"chain a merge of #{point.id} would change under it",
+                        store.lock_timeout,
+                    )
+                time.sleep(0.05)
+            held.append(lock)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+    return held
 
 
 def finish_interrupted_merges(store: Store, vm: str | None = None) -> list[MergeResult]:

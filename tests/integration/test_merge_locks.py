@@ -190,3 +190,26 @@ def test_a_checked_reader_of_a_removed_point_reads_chunks_it_had_not_touched(
         assert reader.index.retired_points() == [2]
     with Store.open(store_path, write=True, vm="vm1") as writer:
         assert writer.index.retired_points() == []  # no reader holds #2 any more
+
+
+def test_a_reader_of_a_newer_point_makes_the_merge_wait_then_refuse(
+    store_path: Path, tmp_path: Path
+) -> None:
+    """A checked reader of a point above the removed one would see the successor change under
+    it: the merge waits for it, then refuses in one line (exit 4); once it closes, it runs."""
+    expected = build_chain(store_path, tmp_path / "images", 4)
+    victim = sorted(expected)[1]
+    newest = max(expected)
+    with Store.open(store_path) as reader:
+        view = reader.view(reader.point(newest), "vda")
+        busy = lbrestore(store_path, "merge", f"vm1@#{victim}", LBRESTORE_LOCK_TIMEOUT="0.3")
+        assert busy.returncode == 4, busy.stderr
+        assert len(busy.stderr.strip().splitlines()) == 1
+        assert f"a reader of vm1@#{newest}" in busy.stderr
+        assert view.read(0, MiB) == expected[newest]["vda"].read_bytes()[:MiB]
+        view.close()
+    assert_store_reads(store_path, expected)  # nothing changed
+    done = lbrestore(store_path, "merge", f"vm1@#{victim}")
+    assert done.returncode == 0, done.stderr
+    del expected[victim]
+    assert_store_reads(store_path, expected)
