@@ -61,7 +61,7 @@ def test_merges_then_prunes_of_a_50_point_chain_keep_every_kept_point_exact(
         assert merged.returncode == 0, merged.stderr
         assert point_id not in files(store)
         assert_exact(store, tmp_path)
-    assert_stores_only_what_kept_points_need(store, tmp_path)
+        assert_stores_only_what_kept_points_need(store, tmp_path)  # and `lbrestore check` is 0
     first = prune(store, "--keep-last", "3", "--keep-daily", "5", "--keep-weekly", "2")
     assert first["removed"] > 0 and first["freed_bytes"] > 0 and first["copied_bytes"] > 0
     assert_exact(store, tmp_path)
