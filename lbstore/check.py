@@ -20,7 +20,6 @@ report says so. No repair ever deletes a committed point's file or changes what 
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ from typing import Any
 from lbstore.errors import IndexDamagedError, Qcow2Error, StoreNotFoundError
 from lbstore.fsutil import fsync_dir, rename_noreplace
 from lbstore.index import INDEX_NAME, probe_index
+from lbstore.lock import names_a_live_holder
 from lbstore.model import RestorePoint
 from lbstore.private import make_private_dir
 from lbstore.qcow2.consistency import check_image, repair_leaks
@@ -384,24 +384,8 @@ def _check_strays(root: Path, strays: list[Path], report: CheckReport) -> None:
 
 
 def _writer_running(root: Path) -> bool:
-    """True when a lock file (the store's, or a VM writer's under locks/) names a live holder:
-    a clean release empties the holder text, so text naming a dead pid is a crash's."""
-    for path in [root / "lock", *sorted((root / "locks").glob("vm-*.lock"))]:
-        try:
-            holder = json.loads(path.read_text() or "null")
-            pid = int(holder["pid"]) if holder else 0
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if pid <= 0:
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            return True
-        return True
-    return False
+    """True when the store's lock file or a VM writer's under locks/ names a live holder."""
+    return names_a_live_holder([root / "lock", *sorted((root / "locks").glob("vm-*.lock"))])
 
 
 def _check_tmp(root: Path, report: CheckReport) -> None:

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -251,3 +251,24 @@ class PointLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def names_a_live_holder(lock_files: Iterable[Path]) -> bool:
+    """True when one of these lock files names a live holder. A clean release empties the
+    holder text, so text naming a dead pid is a crash's; a pid we may not signal is alive."""
+    for path in lock_files:
+        try:
+            holder = json.loads(path.read_text() or "null")
+            pid = int(holder["pid"]) if holder else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pid <= 0:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return True
+        return True
+    return False

@@ -53,7 +53,7 @@ from lbstore.errors import (
 )
 from lbstore.fsutil import fsync_dir, rename_noreplace, replace_durably
 from lbstore.index import INDEX_NAME, CommitDisk, Index, MergedDisk, probe_index
-from lbstore.lock import PointLock, StoreLock, VmWriteLock, vm_lock_holders
+from lbstore.lock import PointLock, StoreLock, VmWriteLock, names_a_live_holder, vm_lock_holders
 from lbstore.model import DiskRecord, RestorePoint, parse_utc
 from lbstore.names import check_disk_name, check_vm_name, is_valid_name
 from lbstore.private import (
@@ -786,23 +786,8 @@ class Store(Closing):
 
 
 def _writer_alive(root: Path, vm: str) -> bool:
-    """True when the store's lock file or `vm`'s writer lock file names a live process (a clean
-    release empties the holder text; text naming a dead pid is a crash's)."""
-    for path in (root / "lock", root / "locks" / f"vm-{vm}.lock"):
-        try:
-            holder = json.loads(path.read_text() or "null")
-            pid = int(holder["pid"]) if holder else 0
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if pid > 0:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:
-                return True
-            return True
-    return False
+    """True when the store's lock file or `vm`'s writer lock file names a live process."""
+    return names_a_live_holder((root / "lock", root / "locks" / f"vm-{vm}.lock"))
 
 
 def _high_water(root: Path) -> int:
