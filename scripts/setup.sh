@@ -12,6 +12,11 @@ DEBIAN_PACKAGES=(
   libvirt-clients libxml2-utils                  # virt-xml-validate (+ its xmllint) for domain XML
   fdisk e2fsprogs                                # sfdisk and mkfs.ext4 for test images
   gnutls-bin openssl                             # certtool for TLS test certificates
+  busybox-static extlinux syslinux-common mtools # a real tiny Linux guest (its kernel is fetched
+  dosfstools cpio                                #   with apt-get download into the test cache)
+  ntfs-3g xfsprogs lvm2 exfatprogs               # guest filesystems built at test time
+  libvirt-daemon-system python3-libvirt          # libvirt's backup API (--libvirt)
+  virtnbdbackup                                  # the peer measured side by side in bench/
 )
 
 missing=()
@@ -21,8 +26,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 VENV=.venv
