@@ -44,11 +44,22 @@ def one_line(exc: click.ClickException) -> str:
     return message
 
 
+def _run(argv: list[str] | None) -> object:
+    """Parse and invoke the command. Not click's `main`: on Ctrl-C it prints a blank line
+    before its Abort, and ours prints exactly one line."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        with cli.make_context("lbrestore", list(args)) as ctx:
+            return cli.invoke(ctx)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map known errors to one line and an exit code."""
     try:
-        status = cli.main(args=argv, prog_name="lbrestore", standalone_mode=False)
-    except click.exceptions.Abort:
+        status = _run(argv)
+    except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("lbrestore: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
