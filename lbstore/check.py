@@ -86,6 +86,9 @@ class CheckReport:
     unrepaired: list[str] = field(default_factory=list)
     """What a repair could not bring back into the store (kept in lost+found/ where it could)."""
     rebuilt: RebuildReport | None = None
+    in_progress: list[str] = field(default_factory=list)
+    """Work a live writer is doing right now (a backup's pending point, a running merge): not
+    a problem, and not counted in the exit code."""
 
     @property
     def ok(self) -> bool:
@@ -110,6 +113,7 @@ class CheckReport:
             "problems": [p.as_dict() for p in self.problems],
             "repaired": self.repaired,
             "not_repaired": self.unrepaired,
+            "in_progress": self.in_progress,
         }
         if self.rebuilt is not None:
             result["rebuilt"] = {
@@ -200,9 +204,13 @@ def _check_with_index(store: Store, report: CheckReport) -> None:
     known_ids = store.index.point_ids() | store.index.merging_point_ids()
     unknown = [i for i in sorted(scan.points) if i not in known_ids]
     known_disks = {(p.id, d.name) for p in points for d in p.disks}
+    busy = _busy_vms(store.path)
     for point_id in unknown:
         entry = scan.points[point_id]
         address = f"{entry.vm}@#{point_id}"
+        if _is_busy(busy, entry.vm):
+            report.in_progress.append(f"{address}: being committed by a running writer")
+            continue
         result = point_record(entry, known_disks)
         if isinstance(result, str):
             report.add(
@@ -225,6 +233,9 @@ def _check_with_index(store: Store, report: CheckReport) -> None:
             )
         )
     for row in store.index.merges():
+        if _is_busy(busy, row["vm"]):
+            report.in_progress.append(f"{row['vm']}@#{row['point_id']}: being merged away")
+            continue
         report.add(
             Problem(
                 "interrupted-merge",
@@ -234,6 +245,11 @@ def _check_with_index(store: Store, report: CheckReport) -> None:
             )
         )
     for row in store.index.pending_points():
+        if _is_busy(busy, row["vm"]):
+            report.in_progress.append(
+                f"{row['vm']}@#{row['id']}: being written by a running writer"
+            )
+            continue
         report.add(
             Problem(
                 "interrupted-write",
@@ -381,6 +397,22 @@ def _check_strays(root: Path, strays: list[Path], report: CheckReport) -> None:
                 path=str(relative),
             )
         )
+
+
+def _busy_vms(root: Path) -> set[str] | None:
+    """The VMs whose writer lock names a live holder now; None when a whole-store writer
+    (repair) holds the store lock, which makes every VM busy."""
+    if names_a_live_holder([root / "lock"]):
+        return None
+    return {
+        path.stem.removeprefix("vm-")
+        for path in sorted((root / "locks").glob("vm-*.lock"))
+        if names_a_live_holder([path])
+    }
+
+
+def _is_busy(busy: set[str] | None, vm: str) -> bool:
+    return busy is None or vm in busy
 
 
 def _writer_running(root: Path) -> bool:

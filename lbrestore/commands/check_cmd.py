@@ -40,6 +40,8 @@ def _print_report(report: CheckReport, repair: bool) -> None:
         click.echo(f"NOT REPAIRED: {loss} (its files are kept in lost+found/)")
     for problem in report.problems:
         click.echo(problem.line())
+    for work in report.in_progress:
+        click.echo(f"in progress (not a problem): {work}")
     summary = f"checked {report.points_checked} restore points, {report.files_checked} files: "
     if report.unrepaired:
         click.echo(summary + f"{len(report.unrepaired)} restore point(s) could not be recovered")

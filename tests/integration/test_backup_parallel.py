@@ -8,6 +8,7 @@ bitmap.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,43 @@ def test_two_vms_back_up_at_the_same_time(make_vm, store_path: Path, tmp_path: P
         again = backup(store_path, vm)
         assert again.kind == "incremental" and again.disks[0].bytes_read == 64 * 1024
         assert_point_equals(store_path, again.point_id, vm.snapshot_all(tmp_path, vm.name))
+
+
+def test_check_during_a_backup_names_its_point_in_progress_not_as_damage(
+    make_vm, store_path: Path, tmp_path: Path
+) -> None:
+    vm1 = make_vm({"vda": 16 * MiB}, name="vm1")
+    vm1.qemu_io("vda", "write -P 0x31 0 4M")
+    held = subprocess.Popen(
+        [sys.executable, str(HERE / "slow_backup.py"), str(store_path), vm1.qmp_address,
+         "vm1", str(tmp_path / "never")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    try:
+        assert held.stdout is not None
+        for line in held.stdout:
+            if line.startswith("PAUSED"):
+                break
+        else:
+            raise AssertionError(f"the backup never reached its pull: {held.stderr.read()}")
+        during = _check(store_path)
+        assert during.returncode == 0, during.stdout + during.stderr
+        report = json.loads(during.stdout)
+        assert report["problems"] == []
+        assert len(report["in_progress"]) == 1 and report["in_progress"][0].startswith("vm1@#")
+    finally:
+        held.kill()
+        held.wait()
+    after = _check(store_path)  # the writer is dead now: its pending point is a leftover
+    assert after.returncode == 3, after.stdout + after.stderr
+    report = json.loads(after.stdout)
+    assert report["in_progress"] == []
+    assert "interrupted-write" in {p["kind"] for p in report["problems"]}
+
+
+def _check(store_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lbrestore", "--store", str(store_path), "check", "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
