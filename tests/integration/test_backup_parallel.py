@@ -8,16 +8,42 @@ bitmap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import MiB, assert_point_equals, backup, points
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
+
+
+@contextlib.contextmanager
+def held_backup(store_path: Path, vm, resume: Path) -> Iterator[subprocess.Popen[str]]:
+    """slow_backup.py of `vm`, returned once it is mid-pull (PAUSED until `resume` exists);
+    killed on the way out if still running."""
+    held = subprocess.Popen(
+        [sys.executable, str(HERE / "slow_backup.py"), str(store_path), vm.qmp_address,
+         vm.name, str(resume)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    try:
+        assert held.stdout is not None
+        for line in held.stdout:
+            if line.startswith("PAUSED"):
+                break
+        else:
+            raise AssertionError(f"{vm.name}'s backup never reached its pull: {held.stderr.read()}")
+        yield held
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
 
 
 def test_two_vms_back_up_at_the_same_time(make_vm, store_path: Path, tmp_path: Path) -> None:
@@ -28,19 +54,7 @@ def test_two_vms_back_up_at_the_same_time(make_vm, store_path: Path, tmp_path: P
     snaps1 = vm1.snapshot_all(tmp_path, "one")
     snaps2 = vm2.snapshot_all(tmp_path, "two")
     resume = tmp_path / "resume"
-    held = subprocess.Popen(
-        [sys.executable, str(HERE / "slow_backup.py"), str(store_path), vm1.qmp_address,
-         "vm1", str(resume)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )  # fmt: skip
-    try:
-        assert held.stdout is not None
-        for line in held.stdout:
-            if line.startswith("PAUSED"):
-                break
-        else:
-            raise AssertionError(f"vm1's backup never reached its pull: {held.stderr.read()}")
+    with held_backup(store_path, vm1, resume) as held:
         other = subprocess.run(
             [sys.executable, "-m", "lbrestore", "--store", str(store_path), "backup", "vm2",
              "--qmp", vm2.qmp_address],
@@ -54,10 +68,6 @@ def test_two_vms_back_up_at_the_same_time(make_vm, store_path: Path, tmp_path: P
         out, err = held.communicate(timeout=300)
         assert held.returncode == 0, err
         assert "DONE" in out
-    finally:
-        if held.poll() is None:
-            held.kill()
-            held.wait()
     (p1,) = points(store_path, "vm1")
     (p2,) = points(store_path, "vm2")
     assert p1[1] == "full" and p2[1] == "full" and p1[0] < p2[0]  # vm1 began first
@@ -75,27 +85,12 @@ def test_check_during_a_backup_names_its_point_in_progress_not_as_damage(
 ) -> None:
     vm1 = make_vm({"vda": 16 * MiB}, name="vm1")
     vm1.qemu_io("vda", "write -P 0x31 0 4M")
-    held = subprocess.Popen(
-        [sys.executable, str(HERE / "slow_backup.py"), str(store_path), vm1.qmp_address,
-         "vm1", str(tmp_path / "never")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )  # fmt: skip
-    try:
-        assert held.stdout is not None
-        for line in held.stdout:
-            if line.startswith("PAUSED"):
-                break
-        else:
-            raise AssertionError(f"the backup never reached its pull: {held.stderr.read()}")
+    with held_backup(store_path, vm1, tmp_path / "never"):
         during = _check(store_path)
         assert during.returncode == 0, during.stdout + during.stderr
         report = json.loads(during.stdout)
         assert report["problems"] == []
         assert len(report["in_progress"]) == 1 and report["in_progress"][0].startswith("vm1@#")
-    finally:
-        held.kill()
-        held.wait()
     after = _check(store_path)  # the writer is dead now: its pending point is a leftover
     assert after.returncode == 3, after.stdout + after.stderr
     report = json.loads(after.stdout)
