@@ -188,3 +188,37 @@ class BackupInProgressError(QemuError):
             f"another backup of this VM is running (process {pid}, scratch folder {scratch}): "
             "QEMU has one NBD server, so backups of one VM run one at a time"
         )
+
+
+# --- libvirt (lbqemu/libvirt.py) ----------------------------------------------------------------
+
+
+class LibvirtError(QemuError):
+    """libvirt refused a call or could not be reached; `operation` says what was asked,
+    `problem` is libvirt's own message and `code` its error number (VIR_ERR_*), when known."""
+
+    def __init__(self, operation: str, problem: str, code: int | None = None) -> None:
+        self.operation = operation
+        self.problem = problem
+        self.code = code
+        super().__init__(f"libvirt: {operation}: {problem}")
+
+
+class LibvirtUnavailableError(LibvirtError):
+    """libvirt's Python bindings are not installed (Debian package python3-libvirt)."""
+
+    def __init__(self) -> None:
+        super().__init__("import", "the Python bindings are missing (install python3-libvirt)")
+
+
+class CheckpointUnusableError(LibvirtError):
+    """A checkpoint cannot be redefined or backed up from: its bitmap is missing or broken
+    (libvirt's VIR_ERR_CHECKPOINT_INCONSISTENT) or libvirt refused its XML. The backup job
+    answers with a resync."""
+
+
+class DomainBusyError(LibvirtError):
+    """The domain runs another job (a backup by another tool or receiver): libvirt allows one
+    at a time (exit code 4, as a busy store)."""
+
+    exit_code = 4

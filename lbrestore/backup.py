@@ -134,7 +134,7 @@ class BackupSummary:
         return data
 
 
-def _newest_by_disk(points: list[RestorePoint]) -> dict[str, tuple[int, int]]:
+def newest_by_disk(points: list[RestorePoint]) -> dict[str, tuple[int, int]]:
     """disk name -> (id, virtual size) in the newest committed point that holds it."""
     result: dict[str, tuple[int, int]] = {}
     for point in sorted(points, key=lambda p: (p.created, p.id)):
@@ -153,7 +153,7 @@ def plan_disks(
     be read becomes a full). The plan takes the store's answer, so the pull, the summary and
     the event log all tell what really happened."""
     store_id = store.identity()["id"]
-    newest = _newest_by_disk(store.restore_points(ingest.vm))
+    newest = newest_by_disk(store.restore_points(ingest.vm))
     planned = []
     for disk in disks:
         last_point, last_size = newest.get(disk.name, (None, None))
@@ -251,33 +251,33 @@ async def run_backup(
                 job = _Job(session, options, hooks, planned, summary)
                 point = await job.run(ingest, definition)
         except Exception as exc:
-            _record_failure(store, options.vm, exc)
+            record_failure(store, options.vm, exc)
             raise
         finally:
             await _settle(definition)
     summary.point_id, summary.kind = point.id, point.kind
     summary.duration = time.monotonic() - started
-    _record_events(store, summary, plans)
+    record_events(store, summary)
     return summary
 
 
-def _record_failure(store: Store, vm: str, exc: Exception) -> None:
+def record_failure(store: Store, vm: str, exc: Exception) -> None:
     """A failed backup leaves no restore point, but the event log says what happened."""
     with contextlib.suppress(Exception):  # e.g. the store's own disk is full
         store.record_event(vm, "backup-failed", f"{type(exc).__name__}: {exc}")
 
 
-def _record_events(store: Store, summary: BackupSummary, plans: list[DiskPlan]) -> None:
+def record_events(store: Store, summary: BackupSummary) -> None:
     """Resyncs, leftovers and cleanup problems go into the store's event log."""
-    for plan in plans:
-        if plan.mode != "incremental":
+    for disk in summary.disks:
+        if disk.mode != "incremental":
             store.record_event(
                 summary.vm,
-                plan.mode,
-                f"disk {plan.disk.name}: {plan.mode} ({plan.reason})",
+                disk.mode,
+                f"disk {disk.name}: {disk.mode} ({disk.reason})",
                 point_id=summary.point_id,
-                disk=plan.disk.name,
-                reason=plan.reason,
+                disk=disk.name,
+                reason=disk.reason,
             )
     if summary.leftovers_removed:
         store.record_event(
@@ -355,31 +355,51 @@ class _Job:
         disk = plan.disk
         result = DiskSummary(disk.name, plan.mode, plan.reason, disk.virtual_size)
         self.summary.disks.append(result)
-
-        def store_run(offset: int, length: int, data: Any, digests: list[bytes] | None) -> None:
-            if data is ZERO:
-                dingest.zero(offset, length)
-                result.bytes_zero += length
-            else:
-                try:
-                    dingest.write(offset, data.view, digests=digests)
-                finally:
-                    data.release()
-                result.bytes_read += length
-            result.bytes_stored = dingest.stored_bytes
-            if self.hooks.progress is not None:
-                self.hooks.progress(disk.name, offset, length)
-
         source = _source(view, disk.name)
-        pulled = _threaded_pull(source, plan, dingest.cluster_size, self.options)
-        async with contextlib.aclosing(pulled) as items:
-            async for item in items:
-                if isinstance(item, _Batch):
-                    for offset, length, data, digests in item.runs:
-                        store_run(offset, length, data, await _result(digests))
-                elif self.hooks.plan is not None:
-                    self.hooks.plan(disk.name, item)
+        pulled = PullSpec(source, plan.export_bitmap, self.options.chunk, self.options.depth)
+        await pull_disk(pulled, dingest, result, self.hooks)
+
+
+@dataclass(frozen=True)
+class PullSpec:
+    """Where one disk's point-in-time view is read from, and how: `export_bitmap` names the
+    dirty bitmap of an incremental (None reads every allocated cluster)."""
+
+    source: NbdSource
+    export_bitmap: str | None
+    chunk: int = DEFAULT_CHUNK
+    depth: int = DEFAULT_DEPTH
+
+
+async def pull_disk(
+    spec: PullSpec, dingest: DiskIngest, result: DiskSummary, hooks: BackupHooks
+) -> None:
+    """Pull one disk's view into its ingest, counting into `result` (every backup path)."""
+    name = result.name
+
+    def store_run(offset: int, length: int, data: Any, digests: list[bytes] | None) -> None:
+        if data is ZERO:
+            dingest.zero(offset, length)
+            result.bytes_zero += length
+        else:
+            try:
+                dingest.write(offset, data.view, digests=digests)
+            finally:
+                data.release()
+            result.bytes_read += length
         result.bytes_stored = dingest.stored_bytes
+        if hooks.progress is not None:
+            hooks.progress(name, offset, length)
+
+    pulled = _threaded_pull(spec, dingest.cluster_size)
+    async with contextlib.aclosing(pulled) as items:
+        async for item in items:
+            if isinstance(item, _Batch):
+                for offset, length, data, digests in item.runs:
+                    store_run(offset, length, data, await _result(digests))
+            elif hooks.plan is not None:
+                hooks.plan(name, item)
+    result.bytes_stored = dingest.stored_bytes
 
 
 async def _result(digests: Digests | None) -> list[bytes] | None:
@@ -503,18 +523,17 @@ class _Handoff:
                 self.queue.get_nowait()
 
 
-async def _threaded_pull(
-    source: NbdSource, plan: DiskPlan, align: int, options: BackupOptions
-) -> AsyncGenerator[Any, None]:
+async def _threaded_pull(spec: PullSpec, align: int) -> AsyncGenerator[Any, None]:
     """Run lbqemu.nbd.pull in a thread; yield its plan, then its runs, on the loop's thread.
 
     A plain thread-safe queue joins them, so the reader keeps its NBD requests moving while
     the store writes (it never waits for the event loop). On any exit (error, cancellation)
     the reader is stopped and joined before this generator finishes."""
+    source = spec.source
     stop = threading.Event()
     handoff = _Handoff(asyncio.get_running_loop(), stop)
     hasher = ThreadPoolExecutor(1, thread_name_prefix=f"blake3-{source.export}")
-    batcher = _Batcher(handoff, options.chunk, align, hasher)
+    batcher = _Batcher(handoff, spec.chunk, align, hasher)
 
     def reader() -> None:
         try:
@@ -522,9 +541,9 @@ async def _threaded_pull(
                 source,
                 batcher.add,
                 align=align,
-                dirty_bitmap=plan.export_bitmap,
-                chunk=options.chunk,
-                depth=options.depth,
+                dirty_bitmap=spec.export_bitmap,
+                chunk=spec.chunk,
+                depth=spec.depth,
                 stop=stop,
                 on_plan=handoff.put,
             )

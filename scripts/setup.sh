@@ -37,9 +37,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$SYSTEM_PYTHON" -m venv "$VENV"
 fi
 
-# libnbd's bindings come only from Debian; expose exactly those modules to the venv.
+# libnbd's and libvirt's bindings come only from Debian; expose exactly those modules to the venv.
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-for f in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/libnbdmod.cpython-311-*.so; do
+dist=/usr/lib/python3/dist-packages
+for f in "$dist"/nbd.py "$dist"/libnbdmod.cpython-311-*.so "$dist"/libvirt*.py "$dist"/libvirtmod*.cpython-311-*.so; do
   ln -sf "$f" "$site/$(basename "$f")"
 done
 
@@ -51,4 +52,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -e '.[dev]'
   echo "$want" > "$stamp"
 fi
-"$VENV/bin/python" -c 'import nbd, lbrestore' || { echo "setup: the environment is broken" >&2; exit 1; }
+"$VENV/bin/python" -c 'import nbd, libvirt, lbrestore' || { echo "setup: the environment is broken" >&2; exit 1; }

@@ -27,9 +27,9 @@ from lbstore.store import Store
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
-def _warn_qmp_tcp(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def _warn_qmp_tcp(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """QMP has no authentication: over TCP, whoever reaches the port controls the VM."""
-    if value.startswith("tcp:"):
+    if value is not None and value.startswith("tcp:"):
         click.echo(
             f"lbrestore: warning: QMP over TCP ({value}) has no authentication or encryption: "
             "anyone who can reach it controls the VM; prefer unix:PATH",
@@ -68,7 +68,7 @@ def _warn_insecure_nbd(nbd: str | None, insecure_tcp: bool) -> None:
 
 
 @contextmanager
-def _progress_hooks(enabled: bool) -> Iterator[BackupHooks]:
+def progress_hooks(enabled: bool) -> Iterator[BackupHooks]:
     """A rich progress bar on a terminal (stderr); no hooks otherwise."""
     if not enabled:
         yield BackupHooks()
@@ -126,14 +126,43 @@ def _print_summary(summary: BackupSummary) -> None:
 
 
 @click.command("backup")
-@click.argument("vm")
+@click.argument("vm", required=False)
 @click.option(
     "--qmp",
     "qmp",
-    required=True,
     metavar="unix:PATH|tcp:HOST:PORT",
     callback=_warn_qmp_tcp,
     help="QEMU's QMP socket (tcp: has no authentication: a warning is printed).",
+)
+@click.option(
+    "--libvirt",
+    "libvirt_uri",
+    metavar="URI",
+    help="Back up the libvirt domain VM through libvirt (qemu:///system, qemu+ssh://HOST/system).",
+)
+@click.option(
+    "--all",
+    "all_domains",
+    is_flag=True,
+    help="With --libvirt: every running domain (one summary line each).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1, max=64),
+    default=2,
+    show_default=True,
+    help="With --all: how many domains are backed up at the same time.",
+)
+@click.option(
+    "--match",
+    "match",
+    metavar="GLOB",
+    help="With --all: only the domains whose name matches GLOB (shell pattern, e.g. 'web-*').",
+)
+@click.option(
+    "--include-inactive",
+    is_flag=True,
+    help="With --all: also the defined domains that are not running (their disks read directly).",
 )
 @click.option(
     "--connect-timeout",
@@ -184,11 +213,14 @@ def _print_summary(summary: BackupSummary) -> None:
     help="Where the fleecing scratch files go (QEMU must be able to write there).",
 )
 @json_option
-@with_store(write=True)
 def backup_command(
-    store: Store,
-    vm: str,
-    qmp: str,
+    vm: str | None,
+    qmp: str | None,
+    libvirt_uri: str | None,
+    all_domains: bool,
+    jobs: int,
+    match: str | None,
+    include_inactive: bool,
     connect_timeout: float,
     disks: tuple[str, ...],
     full: bool,
@@ -203,10 +235,31 @@ def backup_command(
     """Back up a running VM: a point-in-time view of its disks, only changed clusters pulled.
 
     The first backup of a disk reads it whole; later ones read what changed since the previous
-    restore point (QEMU's persistent dirty bitmaps). When a bitmap cannot be trusted (QEMU
-    crashed, disk resized, ...) the disk is resynced: read whole, only changed clusters stored.
+    restore point (QEMU's persistent dirty bitmaps, or libvirt's checkpoints with --libvirt).
+    When a bitmap cannot be trusted (QEMU crashed, disk resized, ...) the disk is resynced:
+    read whole, only changed clusters stored.
     """
+    _check_target(vm, qmp, libvirt_uri, all_domains, match, qga)
     _warn_insecure_nbd(nbd, insecure_tcp)
+    if libvirt_uri is not None:
+        from lbrestore.commands import libvirt_cmds
+
+        lv_options = libvirt_cmds.LibvirtBackupOptions(
+            vm=check_vm_name(vm) if vm else "",
+            uri=libvirt_uri,
+            disks=disks,
+            full=full,
+            nbd=nbd,
+            tls_creds=str(tls_creds) if tls_creds else None,
+            insecure_tcp=insecure_tcp,
+            scratch_dir=scratch_dir,
+        )
+        if all_domains:
+            libvirt_cmds.backup_all(lv_options, jobs, match, include_inactive, as_json)
+        else:
+            libvirt_cmds.backup_one(vm=lv_options.vm, options=lv_options, as_json=as_json)
+        return
+    assert vm is not None and qmp is not None
     options = BackupOptions(
         vm=check_vm_name(vm),
         qmp=qmp,
@@ -220,8 +273,40 @@ def backup_command(
         insecure_tcp=insecure_tcp,
         scratch_dir=scratch_dir,
     )
-    with _progress_hooks(is_terminal() and not as_json) as hooks:
+    _backup_qmp(vm=options.vm, options=options, as_json=as_json)
+
+
+def _check_target(
+    vm: str | None,
+    qmp: str | None,
+    libvirt_uri: str | None,
+    all_domains: bool,
+    match: str | None,
+    qga: str | None,
+) -> None:
+    """Exactly one way to reach the VM; --all only with --libvirt and without a VM name."""
+    if (qmp is None) == (libvirt_uri is None):
+        raise UsageError("give either --qmp ADDRESS or --libvirt URI")
+    if all_domains and libvirt_uri is None:
+        raise UsageError("--all needs --libvirt URI")
+    if not all_domains and match is not None:
+        raise UsageError("--match works with --all only")
+    if all_domains and vm is not None:
+        raise UsageError("give either a VM name or --all, not both")
+    if not all_domains and vm is None:
+        raise UsageError("missing the VM name (or --all with --libvirt)")
+    if libvirt_uri is not None and qga is not None:
+        raise UsageError("--qga works with --qmp only (libvirt owns the guest agent's socket)")
+
+
+@with_store(write=True)
+def _backup_qmp(store: Store, vm: str, options: BackupOptions, as_json: bool) -> None:
+    with progress_hooks(is_terminal() and not as_json) as hooks:
         summary = asyncio.run(run_backup(store, options, hooks))
+    report_summary(summary, as_json)
+
+
+def report_summary(summary: BackupSummary, as_json: bool) -> None:
     if as_json:
         echo_json(summary.to_json())
     else:

@@ -88,3 +88,42 @@ def points(store_path: Path, vm: str = "vm1") -> list[tuple[int, str]]:
 def our_bitmaps(vm: TestVM, disk: str) -> list[dict[str, Any]]:
     """lbrestore's bitmaps on a disk."""
     return [b for b in vm.bitmaps(disk) if str(b.get("name", "")).startswith("lbr-")]
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn() -> Iterator[Any]:
+    """A connection to a real libvirtd (started for the run when nobody runs it)."""
+    import libvirt_env
+
+    why = libvirt_env.missing()
+    if why is not None:
+        pytest.skip(why)
+    import libvirt
+
+    with libvirt_env.running_libvirtd():
+        conn = libvirt.open(libvirt_env.URI)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def make_domain(libvirt_conn: Any, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start guest-less libvirt domains (`make_domain({"vda": 16 * MiB})`); removed after."""
+    import libvirt_env
+
+    with contextlib.ExitStack() as stack:
+        count = 0
+
+        def make(sizes: dict[str, int] | None = None) -> libvirt_env.GuestlessDomain:
+            nonlocal count
+            count += 1
+            name = f"{libvirt_env.PREFIX}{os.getpid()}-{tmp_path.name[-24:]}-{count}"
+            return stack.enter_context(
+                libvirt_env.guestless_domain(
+                    libvirt_conn, tmp_path / "domains", name, sizes or {"vda": 16 * MiB}
+                )
+            )
+
+        yield make
