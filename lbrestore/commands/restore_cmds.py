@@ -27,7 +27,7 @@ from lbrestore.commands._common import (
     json_option,
     with_store,
 )
-from lbrestore.errors import UsageError
+from lbrestore.errors import AppError, UsageError
 from lbrestore.restore import (
     FORMATS,
     RestoreResult,
@@ -92,6 +92,13 @@ def _progress(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
     is_flag=True,
     help="Do not check clusters against their checksums while restoring (faster).",
 )
+@click.option(
+    "--define",
+    "define_uri",
+    metavar="URI",
+    help="Define the restored VM on this libvirt (qemu:///system, ...) from DIR/<name>.xml.",
+)
+@click.option("--start", is_flag=True, help="With --define: start the defined domain.")
 @json_option
 def restore_command(
     address: str,
@@ -101,6 +108,8 @@ def restore_command(
     disks: tuple[str, ...],
     force: bool,
     no_verify: bool,
+    define_uri: str | None,
+    start: bool,
     as_json: bool,
 ) -> None:
     """Rebuild standalone disks of a restore point, plus a VM definition for a new host.
@@ -112,9 +121,11 @@ def restore_command(
     """
     if new_name is not None:
         check_vm_name(new_name)
+    if start and define_uri is None:
+        raise UsageError("--start needs --define URI")
     if is_nbd_uri(target):
-        if new_name is not None or force or fmt != "qcow2":
-            raise UsageError("--name, --force and --format apply to folder targets only")
+        if new_name is not None or force or fmt != "qcow2" or define_uri is not None:
+            raise UsageError("--name, --force, --format and --define apply to folder targets only")
     else:  # refused before the store is opened, and again by restore_to_folder
         store_path = click.get_current_context().find_root().obj["store_path"]
         check_target_folder(Path(target), force=force, store=store_path)
@@ -127,10 +138,36 @@ def restore_command(
         force=force,
         verify=not no_verify,
     )
+    defined = _define(result, define_uri, start) if define_uri is not None else None
     if as_json:
-        echo_json(result.as_dict())
+        echo_json({**result.as_dict(), "defined": defined})
         return
     _print_restore(result)
+    if defined is not None:
+        state = "defined and started" if start else "defined"
+        click.echo(f"domain {defined['name']} {state} on {defined['uri']}")
+
+
+def _define(result: RestoreResult, uri: str, start: bool) -> dict[str, Any]:
+    """Define the restored VM's domain XML on `uri` (and start it): libvirt validates it.
+
+    The disks stay where they were restored: the target libvirt must see them at those paths.
+    QEMU runs as its own user, so the (private) folder is made enterable but not listable
+    (0711); the disk files stay owner-only until libvirt hands them to QEMU's user."""
+    from lbqemu import libvirt as lv
+
+    host = result.definition
+    if host is None or host.libvirt_xml_path is None:
+        raise AppError("the restore wrote no libvirt domain XML to define")
+    folder = host.libvirt_xml_path.parent
+    try:
+        xml = host.libvirt_xml_path.read_text(encoding="utf-8")
+        folder.chmod(0o711)
+    except OSError as exc:
+        raise AppError(f"cannot prepare {folder} for libvirt: {exc}") from exc
+    with lv.connection(uri) as conn:
+        name = lv.define(conn, xml, start)
+    return {"uri": uri, "name": name, "started": start}
 
 
 @with_store(write=False)

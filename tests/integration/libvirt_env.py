@@ -116,7 +116,7 @@ def _destroy_test_domains() -> None:
         conn = libvirt.open(URI)
         for dom in conn.listAllDomains(0):
             if dom.name().startswith(PREFIX):
-                _remove_domain(dom)
+                remove_domain(dom)
         conn.close()
 
 
@@ -138,7 +138,7 @@ def running_libvirtd() -> Iterator[None]:
                 _stop()
 
 
-def _remove_domain(dom: Any) -> None:
+def remove_domain(dom: Any) -> None:
     import libvirt
 
     with contextlib.suppress(libvirt.libvirtError):
@@ -267,4 +267,4 @@ def guestless_domain(
         dom.create()
         yield GuestlessDomain(name, disks, dom)
     finally:
-        _remove_domain(dom)
+        remove_domain(dom)
