@@ -12,6 +12,8 @@ state lock while another job of the domain runs). Every `libvirt.libvirtError` i
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -254,6 +256,24 @@ class Domain:
         flags = _module().VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
         _call(f"delete checkpoint {name}", self._checkpoint(name).delete, flags)
 
+    def delete_bitmap(self, name: str, target: str) -> bool:
+        """Delete the bitmap `name` of one disk of a running domain through libvirt (it owns
+        QEMU's monitor): a checkpoint naming just that bitmap is redefined, then deleted with
+        it. False when the disk has no such bitmap (the stand-in is then dropped again)."""
+        stand_in = (
+            f"<domaincheckpoint><name>{name}</name><creationTime>1</creationTime><disks>"
+            f"<disk name='{target}' checkpoint='bitmap' bitmap='{name}'/></disks>"
+            "</domaincheckpoint>"
+        )
+        flags = _module().VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+        _call(f"checkpoint {name}", self.handle.checkpointCreateXML, stand_in, flags)
+        try:
+            self.delete_checkpoint(name, metadata_only=False)
+        except LibvirtError:
+            self.delete_checkpoint(name, metadata_only=True)
+            return False
+        return True
+
     # --- pull-mode backup -------------------------------------------------------------------
 
     def begin_pull_backup(self, backup_xml: str, checkpoint_xml: str | None) -> None:
@@ -372,3 +392,32 @@ def define(conn: Any, domain_xml: str, start: bool) -> str:
     if start:
         _call(f"start {handle.name()}", handle.create)
     return str(handle.name())
+
+
+# --- images of an inactive domain, read directly -----------------------------------------------
+
+
+def image_bitmaps(path: str) -> dict[str, bool]:
+    """The persistent bitmaps in a qcow2 image (`qemu-img info`): name -> whether it can be
+    trusted (not left `in-use` by a QEMU that did not shut down cleanly)."""
+    info = _qemu_img("info", "--output=json", "-U", path)
+    specific = (json.loads(info).get("format-specific") or {}).get("data") or {}
+    return {
+        str(b["name"]): "in-use" not in (b.get("flags") or [])
+        for b in specific.get("bitmaps") or []
+    }
+
+
+def remove_image_bitmap(path: str, name: str) -> None:
+    _qemu_img("bitmap", "--remove", path, name)
+
+
+def _qemu_img(*args: str) -> str:
+    try:
+        done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise LibvirtError(f"qemu-img {args[0]}", str(exc)) from exc
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["failed"]
+        raise LibvirtError(f"qemu-img {args[0]} {args[-1]}", lines[-1])
+    return done.stdout

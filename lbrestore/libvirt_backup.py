@@ -88,7 +88,7 @@ class _Plan:
 
 
 @dataclass
-class _Checkpoints:
+class Checkpoints:
     """This store's checkpoints on the domain during one backup."""
 
     prefix: str
@@ -98,7 +98,7 @@ class _Checkpoints:
     new: str | None = None  # the checkpoint created with this backup, once it began
 
 
-def _previous_checkpoint(points: list[RestorePoint]) -> str | None:
+def previous_checkpoint(points: list[RestorePoint]) -> str | None:
     """The checkpoint XML kept with the VM's newest restore point (None: none was)."""
     newest = max(points, key=lambda p: (p.created, p.id), default=None)
     if newest is None or not newest.definition:
@@ -107,12 +107,12 @@ def _previous_checkpoint(points: list[RestorePoint]) -> str | None:
     return str(value) if value else None
 
 
-def prepare_checkpoints(domain: lv.Domain, prefix: str, kept: str | None) -> _Checkpoints:
+def prepare_checkpoints(domain: lv.Domain, prefix: str, kept: str | None) -> Checkpoints:
     """Redefine the kept checkpoint; delete what a killed backup of this store left.
 
     Only names with this store's prefix are looked at. A kept checkpoint that libvirt refuses
     is reported in `distrust` (the job resyncs)."""
-    state = _Checkpoints(prefix)
+    state = Checkpoints(prefix)
     kept_name = lv.checkpoint_name(kept) if kept else None
     for name in domain.checkpoint_names():
         if name.startswith(prefix) and name != kept_name:
@@ -135,7 +135,7 @@ def plan_disks(
     disks: list[lv.DomainDisk],
     sizes: dict[str, int],
     newest: dict[str, tuple[int, int]],
-    checkpoints: _Checkpoints,
+    checkpoints: Checkpoints,
     force_full: bool,
 ) -> list[_Plan]:
     """Each disk's mode: incremental when the kept checkpoint covers it, else resync or full."""
@@ -155,7 +155,7 @@ def plan_disks(
         elif checkpoints.distrust is not None:
             plan.reason = checkpoints.distrust
         elif disk.target not in checkpoints.old_disks:
-            plan.reason = f"disk not in checkpoint {checkpoints.old}"
+            plan.reason = f"no bitmap of checkpoint {checkpoints.old} on this disk"
         else:
             plan.mode, plan.since = "incremental", checkpoints.old
         plans.append(plan)
@@ -173,7 +173,7 @@ def choose_disks(all_disks: list[lv.DomainDisk], wanted: tuple[str, ...]) -> lis
     return [d for d in writable if d.target in wanted]
 
 
-def _definition(domain: lv.Domain, plans: list[_Plan]) -> dict[str, Any]:
+def domain_definition(domain: lv.Domain, plans: list[_Plan]) -> dict[str, Any]:
     """The VM definition kept with the point: the domain XML and the facts drawn from it."""
     xml = domain.definition_xml()
     facts = lv.domain_facts(xml)
@@ -259,32 +259,46 @@ async def run_libvirt_backup(
     store: Store, options: LibvirtBackupOptions, hooks: BackupHooks | None = None
 ) -> BackupSummary:
     """Back up the libvirt domain `options.vm` at `options.uri` into `store` (opened for
-    writing)."""
+    writing): a running domain through a pull-mode backup, an inactive one from its images."""
+    from lbrestore.libvirt_offline import backup_inactive
+
     hooks = hooks or BackupHooks()
     summary = BackupSummary(vm=options.vm)
     started = time.monotonic()
     with lv.connection(options.uri) as conn:
         domain = lv.Domain.lookup(conn, options.vm)
-        if not domain.is_active():
-            raise AppError(f"domain {options.vm} is not running (a pull-mode backup needs it)")
-        if domain.has_job():
-            raise DomainBusyError(f"back up {options.vm}", "the domain runs another job")
-        live = domain.xml()
-        disks = choose_disks(lv.parse_disks(live), options.disks)
-        if not disks:
-            raise AppError(f"domain {options.vm} has no writable disk to back up")
-        transport = _Transport(options, live)
         try:
-            point = await _backup(store, domain, options, disks, transport, hooks, summary)
+            if domain.is_active():
+                point = await _backup_running(store, domain, options, hooks, summary)
+            else:
+                point = await backup_inactive(store, domain, options, hooks, summary)
         except Exception as exc:
             record_failure(store, options.vm, exc)
             raise
-        finally:
-            transport.close()
     summary.point_id, summary.kind = point.id, point.kind
     summary.duration = time.monotonic() - started
     record_events(store, summary)
     return summary
+
+
+async def _backup_running(
+    store: Store,
+    domain: lv.Domain,
+    options: LibvirtBackupOptions,
+    hooks: BackupHooks,
+    summary: BackupSummary,
+) -> RestorePoint:
+    if domain.has_job():
+        raise DomainBusyError(f"back up {options.vm}", "the domain runs another job")
+    live = domain.xml()
+    disks = choose_disks(lv.parse_disks(live), options.disks)
+    if not disks:
+        raise AppError(f"domain {options.vm} has no writable disk to back up")
+    transport = _Transport(options, live)
+    try:
+        return await _backup(store, domain, options, disks, transport, hooks, summary)
+    finally:
+        transport.close()
 
 
 async def _backup(
@@ -301,7 +315,7 @@ async def _backup(
         points = store.restore_points(options.vm)
         prefix = store_prefix(store.identity()["id"])
         # Nothing between the redefinition and the job's own cleanup can fail.
-        checkpoints = prepare_checkpoints(domain, prefix, _previous_checkpoint(points))
+        checkpoints = prepare_checkpoints(domain, prefix, previous_checkpoint(points))
         plans = plan_disks(disks, sizes, newest_by_disk(points), checkpoints, options.full)
         job = _Job(domain, options, transport, plans, checkpoints, summary)
         return await job.run(ingest, hooks)
@@ -316,7 +330,7 @@ class _Job:
         options: LibvirtBackupOptions,
         transport: _Transport,
         plans: list[_Plan],
-        checkpoints: _Checkpoints,
+        checkpoints: Checkpoints,
         summary: BackupSummary,
     ) -> None:
         self.domain = domain
@@ -330,7 +344,7 @@ class _Job:
     async def run(self, ingest: Ingest, hooks: BackupHooks) -> RestorePoint:
         committed = False
         try:
-            definition = _definition(self.domain, self.plans)
+            definition = domain_definition(self.domain, self.plans)
             self._begin(str(ingest.point_id))
             assert self.checkpoints.new is not None
             definition[CHECKPOINT_KEY] = self.domain.checkpoint_xml(self.checkpoints.new)

@@ -24,6 +24,7 @@ COMMAND_MODULES: dict[str, str] = {
     "merge": "merge_cmd",
     "prune": "prune_cmd",
     "check": "check_cmd",
+    "forget": "forget_cmd",
 }
 
 
