@@ -141,6 +141,8 @@ def running_libvirtd() -> Iterator[None]:
 def remove_domain(dom: Any) -> None:
     import libvirt
 
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # raised errors suffice
+
     with contextlib.suppress(libvirt.libvirtError):
         if dom.isActive():
             with contextlib.suppress(libvirt.libvirtError):
@@ -257,11 +259,16 @@ def create_disk(path: Path, size: int) -> Path:
 
 @contextlib.contextmanager
 def guestless_domain(
-    conn: Any, folder: Path, name: str, sizes: dict[str, int]
+    conn: Any,
+    folder: Path,
+    name: str,
+    sizes: dict[str, int],
+    images: dict[str, Path] | None = None,
 ) -> Iterator[GuestlessDomain]:
-    """Define and start a guest-less domain; destroyed and undefined on exit."""
+    """Define and start a guest-less domain (new qcow2 disks of `sizes`, or existing `images`);
+    destroyed and undefined on exit."""
     folder.mkdir(parents=True, exist_ok=True)
-    disks = {t: create_disk(folder / f"{name}-{t}.qcow2", s) for t, s in sizes.items()}
+    disks = images or {t: create_disk(folder / f"{name}-{t}.qcow2", s) for t, s in sizes.items()}
     dom = conn.defineXML(domain_xml(name, disks))
     try:
         dom.create()
