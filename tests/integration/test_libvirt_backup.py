@@ -17,6 +17,7 @@ from libvirt_env import URI, GuestlessDomain
 
 from lbrestore.backup import BackupHooks, BackupSummary
 from lbrestore.cli import main
+from lbrestore.errors import UsageError
 from lbrestore.libvirt_backup import LibvirtBackupOptions, run_libvirt_backup
 from lbstore.store import Store
 
@@ -194,3 +195,22 @@ def test_cli_backup_and_usage_errors(make_domain, store_path, capsys) -> None:
         main(["--store", str(store_path), "backup", "lbrt-no-such-domain", "--libvirt", URI])
     assert exit_.value.code == 1
     assert "find domain lbrt-no-such-domain" in capsys.readouterr().err
+
+
+def test_nbd_over_tcp_and_one_disk_of_two(make_domain, store_path, tmp_path) -> None:
+    import socket
+
+    dom = make_domain({"vda": 8 * MiB, "vdb": 8 * MiB})
+    dom.qemu_io("vdb", "write -P 0x91 1M 128k")
+    with socket.socket() as probe:  # a free port for libvirt's NBD server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    snaps = dom.snapshot_all(tmp_path, "tcp")
+    point = lv_backup(
+        store_path, dom, disks=("vdb",), nbd=f"tcp:127.0.0.1:{port}", insecure_tcp=True
+    )
+    assert [d.name for d in point.disks] == ["vdb"]
+    assert_point_equals(store_path, point.point_id, {"vdb": snaps["vdb"]})
+    with pytest.raises(UsageError, match="unencrypted"):
+        lv_backup(store_path, dom, nbd=f"tcp:127.0.0.1:{port}")
+    assert checkpoints(dom) == []
