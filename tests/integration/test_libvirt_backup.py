@@ -176,8 +176,9 @@ def test_cli_backup_and_usage_errors(make_domain, store_path, capsys) -> None:
     dom.qemu_io("vda", "write -P 0x51 0 64k")
     with pytest.raises(SystemExit) as exit_:
         main(["--store", str(store_path), "backup", dom.name, "--libvirt", URI])
-    assert exit_.value.code == 0
-    assert f"restore point #1 of {dom.name}: full" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    assert f"restore point #1 of {dom.name}: full" in out
     bad = [
         (["backup", dom.name], "either --qmp"),
         (["backup", dom.name, "--libvirt", URI, "--qmp", "unix:/x"], "either --qmp"),
@@ -188,13 +189,13 @@ def test_cli_backup_and_usage_errors(make_domain, store_path, capsys) -> None:
     for args, message in bad:
         with pytest.raises(SystemExit) as exit_:
             main(["--store", str(store_path), *args])
-        assert exit_.value.code == 2, args
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err and err.count("\n") == 1
+        assert exit_.value.code == 2, (args, err)
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, (args, err)
     with pytest.raises(SystemExit) as exit_:
         main(["--store", str(store_path), "backup", "lbrt-no-such-domain", "--libvirt", URI])
-    assert exit_.value.code == 1
-    assert "find domain lbrt-no-such-domain" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "find domain lbrt-no-such-domain" in err, err
 
 
 def test_nbd_over_tcp_and_one_disk_of_two(make_domain, store_path, tmp_path) -> None:
