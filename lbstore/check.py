@@ -320,6 +320,7 @@ def sidecar_difference(found: Sidecar, expected: Sidecar) -> str | None:
         ("definition", found.definition, expected.definition),
         ("disk record", _disk_meta(found), _disk_meta(expected)),
         ("checksums", found.disk.checksums, expected.disk.checksums),
+        ("zero runs", found.disk.zero_runs, expected.disk.zero_runs),
     )
     for name, left, right in fields:
         if left != right:

@@ -12,6 +12,11 @@ and a blob of the concatenated digests in the same order. `ChecksumChunk.encode`
 `decode_row` are the only code that knows this layout; `lbstore.index` only moves the blobs.
 Decoding checks the recorded algorithm and that the blobs agree, so a row written by another
 algorithm, or a damaged row, is a clear `ChecksumRowError`, never silently read as BLAKE3.
+
+Zero clusters a file stores (QCOW_OFLAG_ZERO entries: "reads as zeros, whatever the backing
+file says") have no digest to check, but losing one makes the cluster read its backing file's
+bytes. So each file's own zero clusters are recorded too, as one blob of absolute
+(first, count) runs (little-endian uint64 pairs): `encode_zero_runs` / `decode_zero_runs`.
 """
 
 from __future__ import annotations
@@ -122,6 +127,37 @@ def decode_runs(blob: bytes) -> tuple[tuple[int, int], ...]:
     flat = array("I")
     flat.frombytes(blob)
     return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+
+
+ZERO_RUNS_CHUNK = -1
+"""The chunk number errors give for a point's zero runs (they are one blob, not chunked)."""
+
+
+def encode_zero_runs(runs: Sequence[tuple[int, int]]) -> bytes:
+    """A file's own zero clusters, (first, count) pairs of absolute cluster indexes, as the
+    index and the sidecars keep them."""
+    flat = array("Q", [value for run in runs for value in run])
+    if flat.itemsize != 8:  # pragma: no cover - every platform we run on has 64-bit "Q"
+        raise RuntimeError("array('Q') is not 64 bits wide")
+    return flat.tobytes()
+
+
+def decode_zero_runs(blob: bytes, where: str) -> tuple[tuple[int, int], ...]:
+    """The inverse of encode_zero_runs, after checking the shape: sorted, disjoint and
+    non-empty runs (a damaged blob is a ChecksumRowError, never a wrong set)."""
+    if len(blob) % 16:
+        raise ChecksumRowError(where, ZERO_RUNS_CHUNK, f"zero runs of {len(blob)} bytes")
+    flat = array("Q")
+    flat.frombytes(blob)
+    runs = tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+    end = 0
+    for first, count in runs:
+        if first < end or count <= 0:
+            raise ChecksumRowError(
+                where, ZERO_RUNS_CHUNK, f"zero run ({first}, {count}) out of order"
+            )
+        end = first + count
+    return runs
 
 
 def decode_row(row: ChecksumRow, where: str) -> ChecksumChunk:

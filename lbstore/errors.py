@@ -128,7 +128,8 @@ class ChecksumRowError(StoreIntegrityError):
     """A checksum row of the index cannot be used: unknown algorithm, or blobs that disagree."""
 
     def __init__(self, where: str, chunk: int, problem: str) -> None:
-        super().__init__("index", f"checksum row of {where}, chunk {chunk}: {problem}")
+        row = f"checksum row of {where}, chunk {chunk}" if chunk >= 0 else f"zero runs of {where}"
+        super().__init__("index", f"{row}: {problem}")
         self.where = where
         self.chunk = chunk
 

@@ -261,6 +261,17 @@ def _retired_checksums(db: Database) -> None:
     )
 
 
+@migrations(name="0004_zero_runs")
+def _zero_runs(db: Database) -> None:
+    """Each file's own zero clusters (lbstore.checksums' zero-run blob). A file without a row
+    was committed before this table existed: its zero clusters are not known."""
+    db.execute(
+        "CREATE TABLE zero_runs (point_id INTEGER NOT NULL, disk TEXT NOT NULL, "
+        "runs BLOB NOT NULL, PRIMARY KEY (point_id, disk), FOREIGN KEY (point_id, disk) "
+        "REFERENCES point_disks (point_id, disk) ON DELETE CASCADE)"
+    )
+
+
 # --- the index ----------------------------------------------------------------------------------
 
 
@@ -589,6 +600,14 @@ class Index:
                     row.digests,
                 ],
             )
+        self._insert_zero_runs(point.point_id, disk.name, disk.zero_runs)
+
+    def _insert_zero_runs(self, point_id: int, disk: str, runs: bytes | None) -> None:
+        if runs is not None:
+            self.db.execute(
+                "INSERT INTO zero_runs (point_id, disk, runs) VALUES (?, ?, ?)",
+                [point_id, disk, runs],
+            )
 
     def committed_points(self, vm: str | None = None) -> list[dict[str, Any]]:
         """Committed restore points (rows), oldest first; ties in time by id."""
@@ -754,6 +773,10 @@ class Index:
                 [disk.point_id, disk.name, row.chunk, row.algorithm, row.cluster_runs, row.digests],
             )
         self.db.execute(
+            "DELETE FROM zero_runs WHERE point_id = ? AND disk = ?", [disk.point_id, disk.name]
+        )
+        self._insert_zero_runs(disk.point_id, disk.name, disk.zero_runs)
+        self.db.execute(
             "UPDATE restore_points SET kind = ? WHERE id = ?", [disk.point_kind, disk.point_id]
         )
 
@@ -788,6 +811,13 @@ class Index:
             if row is not None:
                 return ChecksumRow(row[0], row[1], bytes(row[2]), bytes(row[3]))
         return None
+
+    def zero_runs(self, point_id: int, disk: str) -> bytes | None:
+        """A file's recorded zero-run blob, or None when it was never recorded."""
+        row = self.db.execute(
+            "SELECT runs FROM zero_runs WHERE point_id = ? AND disk = ?", [point_id, disk]
+        ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def checksum_rows(self, point_id: int, disk: str) -> list[ChecksumRow]:
         """Every checksum row of a file, in guest order."""
@@ -865,6 +895,8 @@ class CommitDisk:
     stored_bytes: int
     checksums: tuple[ChecksumRow, ...]
     """Encoded rows (lbstore.checksums.ChecksumChunk.encode)."""
+    zero_runs: bytes | None = None
+    """The file's own zero clusters (lbstore.checksums.encode_zero_runs); None: not known."""
 
 
 @dataclass(frozen=True)
@@ -878,6 +910,7 @@ class MergedDisk:
     mode: str
     point_kind: str
     checksums: tuple[ChecksumRow, ...]
+    zero_runs: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from lbstore.checksums import DigestCollector, DigestLookup, cluster_digests, zero_digest
+from lbstore.checksums import (
+    DigestCollector,
+    DigestLookup,
+    cluster_digests,
+    encode_zero_runs,
+    zero_digest,
+)
 from lbstore.errors import (
     IngestError,
     Qcow2Error,
@@ -37,10 +43,11 @@ from lbstore.errors import (
 )
 from lbstore.fsutil import fsync_dir, rename_noreplace
 from lbstore.index import CommitDisk, CommitRecord
-from lbstore.integrity import check_chain
+from lbstore.integrity import check_chain, file_zero_runs
 from lbstore.model import COMPARING_MODES, DISK_MODES, RestorePoint, as_utc, parse_utc
 from lbstore.names import check_disk_name
 from lbstore.private import COMMITTED_FILE_MODE, PRIVATE_DIR_MODE
+from lbstore.qcow2.reader import Qcow2Image
 from lbstore.qcow2.writer import Qcow2Writer
 from lbstore.sidecar import SIDECAR_SUFFIX, Sidecar, write_sidecar
 from lbstore.view import ChainView
@@ -249,7 +256,16 @@ class DiskIngest:
             cluster_size=self.cluster_size,
             stored_bytes=self._writer.stored_bytes,
             checksums=tuple(chunk.encode() for chunk in self._digests.finish()),
+            zero_runs=self._zero_runs(),
         )
+
+    def _zero_runs(self) -> bytes:
+        """The zero clusters of the file as written (read back: what readers will see)."""
+        try:
+            with Qcow2Image.open(self._writer.path, backing=False) as image:
+                return encode_zero_runs(file_zero_runs(image))
+        except Qcow2Error as exc:
+            raise IngestError(self._ingest.vm, f"disk {self.name}: {exc}") from exc
 
 
 class Ingest:

@@ -75,6 +75,45 @@ def _mapped_runs(image: Qcow2Image, start: int, end: int) -> Runs:
     return runs
 
 
+def file_zero_runs(image: Qcow2Image, start: int = 0, end: int | None = None) -> Runs:
+    """The zero clusters the file itself stores (QCOW_OFLAG_ZERO entries, not unallocated
+    ones) in guest bytes [start, end), as runs of absolute cluster indexes."""
+    size = image.cluster_size
+    stop = image.virtual_size if end is None else end
+    runs: Runs = []
+    for run in image.runs(start, stop - start) if start < stop else ():
+        if run.kind is RunKind.ZERO:
+            first = run.guest_offset // size
+            _append(runs, first, -(-(run.guest_offset + run.length) // size) - first)
+    return runs
+
+
+def clip_runs(runs: Sequence[tuple[int, int]], low: int, high: int) -> Runs:
+    """The parts of sorted, disjoint cluster runs within clusters [low, high)."""
+    clipped: Runs = []
+    for first, count in runs[max(0, bisect.bisect_right(runs, (low,)) - 1) :]:
+        if first >= high:
+            break
+        a, b = max(first, low), min(first + count, high)
+        if a < b:
+            clipped.append((a, b - a))
+    return clipped
+
+
+def zero_run_problems(recorded: Runs, found: Runs) -> Iterator[tuple[int, str]]:
+    """(cluster, problem) where a file's zero clusters differ from those its point stored."""
+    for cluster, was_recorded in _differences(found, recorded):
+        yield (
+            cluster,
+            (
+                "was stored as a zero cluster but the file no longer marks it so (damaged L2 "
+                "table?): it would read its backing file's bytes"
+                if was_recorded
+                else "is marked zero by the file but its point stored no zero cluster there"
+            ),
+        )
+
+
 def _append(runs: Runs, first: int, count: int) -> None:
     if runs and runs[-1][0] + runs[-1][1] == first:
         runs[-1] = (runs[-1][0], runs[-1][1] + count)
@@ -119,6 +158,7 @@ class StoredSetCheck:
         self._virtual = view.virtual_size
         self._span = self._size * CHUNK_CLUSTERS
         self._bad: dict[int, tuple[list[int], list[DamagedClusterError]]] = {}
+        self._zeros: dict[int, tuple[tuple[int, int], ...] | None] = {}
 
     def where(self, point_id: int) -> str:
         """How errors name a point's file of this disk."""
@@ -156,6 +196,7 @@ class StoredSetCheck:
                 base = chunk * CHUNK_CLUSTERS
                 for first, count in row.runs:
                     _append(listed, base + first, count)
+            self._compare_zeros(point_id, image, chunk, found)
             if mapped == listed:
                 continue
             for cluster, in_index in _differences(mapped, listed):
@@ -170,6 +211,27 @@ class StoredSetCheck:
                 )
         clusters = sorted(found)
         return clusters, [found[c] for c in clusters]
+
+    def _compare_zeros(
+        self, point_id: int, image: Qcow2Image, chunk: int, found: dict[int, DamagedClusterError]
+    ) -> None:
+        """The file's own zero clusters in the chunk against those its point stored (when
+        recorded: points committed before they were recorded are not checked)."""
+        if point_id not in self._zeros:
+            self._zeros[point_id] = self._store.zero_runs(point_id, self._disk)
+        recorded = self._zeros[point_id]
+        if recorded is None:
+            return
+        start = chunk * self._span
+        end = min(start + self._span, image.virtual_size)
+        if start >= end:
+            return
+        first, stop = start // self._size, -(-end // self._size)
+        on_file = file_zero_runs(image, start, end)
+        for cluster, problem in zero_run_problems(clip_runs(recorded, first, stop), on_file):
+            found.setdefault(
+                cluster, DamagedClusterError(self.where(point_id), cluster, image.path, problem)
+            )
 
 
 def check_chain(store: Store, point: RestorePoint, disk: str, view: ChainView) -> None:

@@ -30,7 +30,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +40,12 @@ from lbstore.checksums import (
     ChecksumRow,
     DigestLookup,
     cluster_digest,
+    encode_zero_runs,
 )
 from lbstore.errors import DamagedClusterError, Qcow2Error, StoreBusyError, StoreError
 from lbstore.fsutil import fsync_dir
 from lbstore.index import MergedDisk
+from lbstore.integrity import file_zero_runs
 from lbstore.lock import PointLock
 from lbstore.model import DiskRecord, RestorePoint
 from lbstore.qcow2.editor import ClusterEdit, Qcow2Editor, check_editable
@@ -284,7 +286,12 @@ def _run(
             _fold_up(store, point, successor, entry, disk_result, steps)
         else:
             _fold_down(store, point, successor, entry, disk_result, steps)
-        merged.append(_merged_disk(store, point, successor, entry, zeros))
+        merged.append(
+            replace(
+                _merged_disk(store, point, successor, entry, zeros),
+                zero_runs=_zero_runs_blob(store.data_dir / entry["successor_file"]),
+            )
+        )
         if successor.id not in result.successors:
             result.successors.append(successor.id)
     retire = bool(plan.get("reader_held"))
@@ -327,6 +334,7 @@ def _with_kinds(store: Store, merged: list[MergedDisk]) -> list[MergedDisk]:
                 disk.mode,
                 kind,
                 disk.checksums,
+                disk.zero_runs,
             )
         )
     return out
@@ -633,6 +641,13 @@ def _encode(digests: dict[int, bytes]) -> tuple[ChecksumRow, ...]:
         rows.append(ChecksumChunk(chunk, tuple((a, b) for a, b in runs), blob).encode())
         start = stop
     return tuple(rows)
+
+
+def _zero_runs_blob(path: Path) -> bytes:
+    """The merged file's own zero clusters, read from the file as the merge left it (whichever
+    direction it took), for the index and the sidecar."""
+    with Qcow2Image.open(path, backing=False) as image:
+        return encode_zero_runs(file_zero_runs(image))
 
 
 def _zero_clusters(path: Path) -> set[int]:

@@ -18,7 +18,9 @@ Format (all integers little-endian):
 The JSON metadata holds `format` (1), `store_id`, `point` (`id`, `vm`, `created` as ISO-8601
 UTC, `kind`, `definition`, `disks`: every disk name of the point, so a lost sidecar is noticed)
 and `disk` (`name`, `file` relative to data/, `backing_point_id`, `mode`, `virtual_size`,
-`cluster_size`, `stored_bytes`) and `checksums` (`chunk_clusters`). Each row is the index's
+`cluster_size`, `stored_bytes`, and `zero_runs`: the file's own zero clusters as
+lbstore.checksums encodes them, in base64; absent in sidecars written before they were recorded)
+and `checksums` (`chunk_clusters`). Each row is the index's
 checksum row for that chunk exactly as lbstore.checksums encodes it (algorithm name, runs blob,
 digests blob), so a rebuild inserts them as they are; reading checks each row with that
 module's decoder, the one place that knows the row layout.
@@ -26,6 +28,7 @@ module's decoder, the one place that knows the row layout.
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ from typing import Any
 
 import blake3
 
-from lbstore.checksums import CHUNK_CLUSTERS, ChecksumRow, decode_row
+from lbstore.checksums import CHUNK_CLUSTERS, ChecksumRow, decode_row, decode_zero_runs
 from lbstore.errors import ChecksumRowError, StoreError
 from lbstore.fsutil import replace_durably, write_new_durably
 from lbstore.index import CommitDisk
@@ -105,6 +108,11 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
             "virtual_size": disk.virtual_size,
             "cluster_size": disk.cluster_size,
             "stored_bytes": disk.stored_bytes,
+            **(
+                {"zero_runs": base64.b64encode(disk.zero_runs).decode("ascii")}
+                if disk.zero_runs is not None
+                else {}
+            ),
         },
         "checksums": {"chunk_clusters": CHUNK_CLUSTERS},
     }
@@ -176,6 +184,10 @@ def _from_meta(meta: dict[str, Any], rows: tuple[ChecksumRow, ...]) -> Sidecar:
         raise ValueError(f"unsupported checksum chunking {meta['checksums']!r}")
     point, disk = meta["point"], meta["disk"]
     backing = disk["backing_point_id"]
+    zero_runs = None
+    if "zero_runs" in disk:
+        zero_runs = base64.b64decode(disk["zero_runs"], validate=True)
+        decode_zero_runs(zero_runs, "sidecar")  # raises ChecksumRowError when malformed
     return Sidecar(
         store_id=meta["store_id"],
         point_id=int(point["id"]),
@@ -193,6 +205,7 @@ def _from_meta(meta: dict[str, Any], rows: tuple[ChecksumRow, ...]) -> Sidecar:
             cluster_size=int(disk["cluster_size"]),
             stored_bytes=int(disk["stored_bytes"]),
             checksums=rows,
+            zero_runs=zero_runs,
         ),
     )
 

@@ -39,7 +39,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbstore.chain import disk_chain, parse_address, select_point
-from lbstore.checksums import CHUNK_CLUSTERS, ChecksumChunk, DigestLookup, decode_row
+from lbstore.checksums import (
+    CHUNK_CLUSTERS,
+    ChecksumChunk,
+    DigestLookup,
+    decode_row,
+    decode_zero_runs,
+)
 from lbstore.closing import Closing
 from lbstore.errors import (
     AddressError,
@@ -492,6 +498,7 @@ class Store(Closing):
                 cluster_size=record.cluster_size,
                 stored_bytes=record.stored_bytes,
                 checksums=chunks,
+                zero_runs=self._index.zero_runs(point_id, disk),
             ),
         )
 
@@ -516,6 +523,7 @@ class Store(Closing):
                         stored_bytes=change.stored_bytes,
                         mode=change.mode,
                         checksums=change.checksums,
+                        zero_runs=change.zero_runs,
                     )
                 rewrite_sidecar(self.data_dir, dataclasses.replace(old, kind=kind, disk=disk))
 
@@ -714,6 +722,14 @@ class Store(Closing):
         with self._index_lock:
             row = self._index.checksum_row(point_id, disk, chunk)
         return None if row is None else decode_row(row, f"#{point_id} disk {disk}")
+
+    def zero_runs(self, point_id: int, disk: str) -> tuple[tuple[int, int], ...] | None:
+        """The zero clusters `point_id`'s own file of `disk` stores, as sorted (first, count)
+        runs (decoded and checked), or None when they were not recorded (a point committed
+        before they were). Safe to call from any thread."""
+        with self._index_lock:
+            blob = self._index.zero_runs(point_id, disk)
+        return None if blob is None else decode_zero_runs(blob, f"#{point_id} disk {disk}")
 
     def digest_lookup(self, disk: str, *, cached_chunks: int = 64) -> DigestLookup:
         """Digests of `disk`'s stored clusters by (point id, guest cluster), cached by chunk

@@ -31,7 +31,7 @@ from pathlib import Path
 from lbstore.chain import disk_chain
 from lbstore.checksums import CHUNK_CLUSTERS, cluster_digest
 from lbstore.errors import Qcow2Error, StoreError
-from lbstore.integrity import mapped_clusters
+from lbstore.integrity import clip_runs, file_zero_runs, mapped_clusters, zero_run_problems
 from lbstore.model import DiskRecord, RestorePoint, utc_iso
 from lbstore.qcow2.reader import Qcow2Image
 from lbstore.readpipe import StoredCluster, check_clusters
@@ -360,10 +360,22 @@ class _Checker:
                 stored = mapped_clusters(image, *job.guest_range())
                 for batch in _batches(_joined(digests, stored, damage), CHUNK_CLUSTERS):
                     self._check_batch(image, fd, self._sampled(batch), damage)
+                self._check_zeros(job, image, damage)
             except (Qcow2Error, OSError) as exc:
                 damage.add(f"mapping unreadable: {_reason(exc)}", 1)
         self.outcome.damage = damage if damage.problems else None
         return self.outcome
+
+    def _check_zeros(self, job: _FileJob, image: Qcow2Image, damage: FileDamage) -> None:
+        """The file's own zero clusters in the job's range against those its point stored."""
+        recorded = self.store.zero_runs(job.point.id, job.record.name)
+        if recorded is None:
+            return  # committed before zero clusters were recorded
+        start, end = job.guest_range()
+        size = image.cluster_size
+        listed = clip_runs(recorded, start // size, -(-end // size))
+        for cluster, problem in zero_run_problems(listed, file_zero_runs(image, start, end)):
+            damage.add(f"cluster {cluster} {problem}", 1)
 
     def _digests(self, job: _FileJob) -> Iterator[tuple[int, bytes]]:
         """The index's (guest cluster, digest) pairs within the job's guest range."""

@@ -56,16 +56,8 @@ POINTS = 3
 DAYS = ("2026-01-0{}T08:00:00", "2026-02-0{}T08:00:00", "2026-03-0{}T08:00:00")
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
-_LOST_ZERO_MARK = (
-    "issue 8 item 3 (engine): zero clusters of an overlay (QCOW_OFLAG_ZERO entries) are not "
-    "in the index's stored-cluster set, so when their L2 entries vanish the reads fall "
-    "through to the backing file (restore exits 0 with wrong bytes, verify sees nothing, a "
-    "mount serves them)"
-)
 # (pattern of a failure line, reason): known failures, each reproduced by a strict xfail below.
-KNOWN_KINDS: list[tuple[str, str]] = [
-    (r"^seed \d+: l[12]: .*: lbrestore mount .*: mount served wrong bytes", _LOST_ZERO_MARK),
-]
+KNOWN_KINDS: list[tuple[str, str]] = []
 
 
 def unexpected(failures: list[str], known: Counter[str]) -> list[str]:
@@ -689,38 +681,91 @@ def test_check_repair_leaves_every_undamaged_point_exact(
     assert failures == []
 
 
-def first_zero_mark(path: Path) -> int | None:
-    """File offset of the first L2 entry with QCOW_OFLAG_ZERO and no host cluster, if any."""
+def l2_entries(path: Path, value: int) -> list[tuple[int, int]]:
+    """(file offset, guest cluster) of the L2 entries inside the disk equal to `value` (1:
+    QCOW_OFLAG_ZERO with no host cluster, a zero cluster the point stored; 0: unallocated)."""
     data = path.read_bytes()
-    for l2, size in qcow2_regions(path)["l2"]:
-        for offset in range(l2, l2 + size, 8):
-            if _be(data, offset) == 1:  # zero flag only: a zero cluster the point stored
-                return offset
+    cluster = 1 << _be(data, 20, 4)
+    clusters = -(-_be(data, 24) // cluster)
+    per_table = cluster // 8
+    l1_offset, l1_size = _be(data, 40), _be(data, 36, 4)
+    found = []
+    for i in range(l1_size):
+        table = _be(data, l1_offset + 8 * i) & L1E_OFFSET_MASK
+        for j in range(min(per_table, clusters - i * per_table)) if table else ():
+            if _be(data, table + 8 * j) == value:
+                found.append((table + 8 * j, i * per_table + j))
+    return found
+
+
+def reads_data_at(campaign: Campaign, name: str, cluster: int) -> bool:
+    """True when the point whose top file is `name` reads non-zero bytes in `cluster`."""
+    for key, top in campaign.tops.items():
+        if top == name:
+            size = 1 << _be((campaign.store / name).read_bytes()[:32], 20, 4)
+            with campaign.expected_files[key].open("rb") as f:
+                f.seek(cluster * size)
+                return any(f.read(size))
+    return False
+
+
+def set_l2_entry(path: Path, offset: int, value: int) -> None:
+    os.chmod(path, 0o600)
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(8, "big"))
+
+
+def zero_mark_damage(
+    campaign: Campaign, work: Path, value: int, new: int
+) -> tuple[int, Mutation] | None:
+    """Change the first L2 entry equal to `value` into `new` such that QEMU then reads some
+    point differently; (that point, the change) or None when no such entry exists."""
+    for name in sorted(campaign.readers):
+        for offset, cluster in l2_entries(work / name, value):
+            if value == 0 and not reads_data_at(campaign, name, cluster):
+                continue  # a zero mark there would not change what the point reads
+            set_l2_entry(work / name, offset, new)
+            change = Mutation("l2", name, "set", offset, 8)
+            damaged = truly_damaged(campaign, work, change)
+            if damaged:
+                return damaged[0], change
+            set_l2_entry(work / name, offset, value)
     return None
 
 
-@pytest.mark.xfail(strict=True, reason=_LOST_ZERO_MARK)
-def test_a_lost_zero_cluster_mark_is_damage(campaign: Campaign, work: Path, tmp_path: Path) -> None:
-    """The L2 entry that marks a cluster as zero in an overlay is zeroed: the cluster then
-    reads the backing file's bytes. Restore must refuse (or still give the right bytes) and
-    verify must name the damage."""
-    found = [
-        (name, offset)
-        for name in sorted(campaign.readers)
-        if (offset := first_zero_mark(work / name)) is not None
-    ]
-    assert found, "the store has an overlay with a zero cluster"
-    name, offset = found[0]
-    Mutation("l2", name, "zero", offset, 8).apply(work, random.Random(0))
-    damaged = truly_damaged(campaign, work, Mutation("l2", name, "zero", offset, 8))
-    assert damaged  # QEMU reads wrong bytes for these points now
-    point = damaged[0]
+def assert_refused_everywhere(campaign: Campaign, work: Path, point: int, tmp_path: Path) -> None:
+    """restore refuses (or gives the right bytes), verify names the damage, a mount answers
+    EIO where the bytes would be wrong."""
+    vm = campaign.vm_of[point]
     folder = tmp_path / "restored"
-    result = cli(work, "restore", f"{campaign.vm_of[point]}@#{point}", "--to", str(folder))
+    result = cli(work, "restore", f"{vm}@#{point}", "--to", str(folder))
     assert failure_of(result) is None
     if result.code == 0:
         assert restored_right(campaign, point, folder, "qcow2") is None
-    assert cli(work, "verify", campaign.vm_of[point]).code == 3
+    verified = cli(work, "verify", vm)
+    assert verified.code == 3 and f"#{point}" in verified.stdout + verified.stderr
+    assert (
+        _mount_and_read(campaign, work, ("mount", f"{vm}@#{point}", str(tmp_path / "mnt"))) is None
+    )
+
+
+def test_a_lost_zero_cluster_mark_is_damage(campaign: Campaign, work: Path, tmp_path: Path) -> None:
+    """The L2 entry that marks a cluster as zero in an overlay is zeroed: the cluster then
+    reads the backing file's bytes. Every reader must refuse them."""
+    found = zero_mark_damage(campaign, work, 1, 0)
+    assert found, "the store has an overlay with a zero cluster over non-zero backing data"
+    assert_refused_everywhere(campaign, work, found[0], tmp_path)
+
+
+def test_an_appearing_zero_cluster_mark_is_damage(
+    campaign: Campaign, work: Path, tmp_path: Path
+) -> None:
+    """An unallocated L2 entry of an overlay becomes a zero mark: the cluster then reads zeros
+    instead of its backing file's bytes. Every reader must refuse them."""
+    found = zero_mark_damage(campaign, work, 0, 1)
+    assert found, "the store has an overlay with an unallocated cluster over backing data"
+    assert_refused_everywhere(campaign, work, found[0], tmp_path)
 
 
 # --- a commit that lives only in the WAL ---------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,9 @@ from lbstore.checksums import (
     cluster_digests,
     decode_row,
     decode_runs,
+    decode_zero_runs,
     encode_runs,
+    encode_zero_runs,
     zero_digest,
 )
 from lbstore.errors import ChecksumRowError
@@ -142,3 +145,23 @@ def test_rows_are_read_from_any_thread_of_one_store(tmp_path: Path) -> None:
         worker.start()
         worker.join()
     assert found == [cluster_digest(data[CS:], CS)]
+
+
+def test_zero_runs_round_trip_past_32_bits() -> None:
+    runs = ((0, 1), (5, 3), (1 << 40, 7))
+    assert decode_zero_runs(encode_zero_runs(runs), "vm1@#2 disk vda") == runs
+    assert decode_zero_runs(b"", "x") == ()
+
+
+@pytest.mark.parametrize(
+    ("blob", "problem"),
+    [
+        (b"\0" * 15, "zero runs of 15 bytes"),
+        (encode_zero_runs([(4, 2), (5, 1)]), "zero run (5, 1) out of order"),
+        (encode_zero_runs([(4, 0)]), "zero run (4, 0) out of order"),
+    ],
+)
+def test_damaged_zero_runs_are_errors(blob: bytes, problem: str) -> None:
+    with pytest.raises(ChecksumRowError, match=re.escape(problem)) as caught:
+        decode_zero_runs(blob, "vm1@#2 disk vda")
+    assert "zero runs of vm1@#2 disk vda" in str(caught.value)
