@@ -361,6 +361,14 @@ def exports(backup_xml: str) -> dict[str, tuple[str, str | None]]:
     return result
 
 
+def backup_socket(backup_xml: str) -> str | None:
+    """The unix socket of a running pull-mode backup's NBD server (None for TCP)."""
+    server = ET.fromstring(backup_xml).find("server")
+    if server is None or server.get("transport", "tcp") != "unix":
+        return None
+    return server.get("socket")
+
+
 def checkpoint_name(checkpoint_xml_text: str) -> str:
     return ET.fromstring(checkpoint_xml_text).findtext("name") or ""
 

@@ -26,6 +26,7 @@ Checkpoints of other stores and other tools are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -244,15 +245,54 @@ def _tcp_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+RECEIVER_FILE = "receiver"
+"""In the private folder: the pid and start time of the receiver that began the job."""
+
+
+def _process_identity(pid: int) -> str | None:
+    """`PID START-TIME` of a live process (not a zombie), so a reused pid does not match."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if stat[0] == "Z" else f"{pid} {stat[19]}"
+
+
 def _private_folder(parent: Path | None, owner: tuple[int, int] | None) -> Path:
-    """A folder only QEMU's user (and root) can enter, for the socket and scratch files."""
+    """A folder only QEMU's user (and root) can enter, for the socket and scratch files; it
+    names this receiver, so that a job it leaves behind when killed is known as a leftover."""
     try:
         folder = Path(tempfile.mkdtemp(prefix="lbrestore-", dir=parent or DEFAULT_WORK_PARENT))
+        (folder / RECEIVER_FILE).write_text(f"{_process_identity(os.getpid())}\n")
         if owner is not None and os.geteuid() == 0:
             os.chown(folder, *owner)
     except OSError as exc:
         raise AppError(f"cannot create a folder for the NBD socket: {exc}") from exc
     return folder
+
+
+def end_leftover_job(domain: lv.Domain) -> str | None:
+    """End the domain's backup job if a killed receiver left it: its NBD socket is in a
+    private folder of a receiver that no longer runs. Returns what was removed, or None when
+    the domain runs no job. Any other job makes the domain busy (DomainBusyError)."""
+    if not domain.has_job():
+        return None
+    try:
+        socket = lv.backup_socket(domain.backup_xml())
+    except QemuError:
+        socket = None  # not a backup job
+    folder = Path(socket).parent if socket else None
+    receiver = None
+    if folder is not None and folder.name.startswith("lbrestore-"):
+        with contextlib.suppress(OSError):
+            receiver = (folder / RECEIVER_FILE).read_text().strip()
+    pid = (receiver or "").split()[:1]
+    if not pid or not pid[0].isdigit() or _process_identity(int(pid[0])) == receiver:
+        raise DomainBusyError(f"back up {domain.name}", "the domain runs another job")
+    domain.abort_job()
+    assert folder is not None
+    shutil.rmtree(folder, ignore_errors=True)
+    return f"backup job of a receiver that is gone (process {pid[0]})"
 
 
 async def run_libvirt_backup(
@@ -288,8 +328,9 @@ async def _backup_running(
     hooks: BackupHooks,
     summary: BackupSummary,
 ) -> RestorePoint:
-    if domain.has_job():
-        raise DomainBusyError(f"back up {options.vm}", "the domain runs another job")
+    leftover = end_leftover_job(domain)
+    if leftover is not None:
+        summary.leftovers_removed.append(leftover)
     live = domain.xml()
     disks = choose_disks(lv.parse_disks(live), options.disks)
     if not disks:

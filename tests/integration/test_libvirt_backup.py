@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,40 @@ def test_nbd_over_tcp_and_one_disk_of_two(make_domain, store_path, tmp_path) -> 
     with pytest.raises(UsageError, match="unencrypted"):
         lv_backup(store_path, dom, nbd=f"tcp:127.0.0.1:{port}")
     assert checkpoints(dom) == []
+
+
+KILLED_RECEIVER = """
+import asyncio, os, sys
+from pathlib import Path
+from lbrestore.backup import BackupHooks
+from lbrestore.libvirt_backup import LibvirtBackupOptions, run_libvirt_backup
+from lbstore.store import Store
+
+def die(disk, offset, length):
+    os._exit(9)  # no cleanup at all, as under SIGKILL
+
+store_path, vm, uri = sys.argv[1:]
+options = LibvirtBackupOptions(vm=vm, uri=uri)
+with Store.open(store_path, write=True, vm=vm) as store:
+    asyncio.run(run_libvirt_backup(store, options, BackupHooks(progress=die)))
+"""
+
+
+def test_receiver_killed_mid_pull(make_domain, store_path, tmp_path) -> None:
+    dom = make_domain()
+    dom.qemu_io("vda", "write -P 0xa1 0 1M")
+    lv_backup(store_path, dom)
+    dom.qemu_io("vda", "write -P 0xa2 2M 64k")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RECEIVER, str(store_path), dom.name, URI], check=False
+    )
+    assert killed.returncode == 9
+    assert dom.handle.jobInfo()[0] != 0  # its pull job is still running in libvirt
+    assert len(checkpoints(dom)) == 2  # the kept one, redefined, and the new one
+    dom.qemu_io("vda", "write -P 0xa3 7M 64k")
+    snaps = dom.snapshot_all(tmp_path, "k")
+    after = lv_backup(store_path, dom)
+    assert after.leftovers_removed and "receiver that is gone" in after.leftovers_removed[0]
+    assert after.kind == "incremental" and after.bytes_read == 2 * 64 * 1024
+    assert_point_equals(store_path, after.point_id, snaps)
+    assert checkpoints(dom) == [] and len(ours(dom)) == 1
