@@ -10,7 +10,7 @@ LBR_BENCH_MIB MiB (default 2048) whose first half is random data. Per round, int
 3. incremental: `virtnbdbackup -l inc` + `sync` against `lbrestore backup --libvirt`.
 
 Both tools read the same changes: each takes its own checkpoint before the writes. Every time
-is a whole process, start to exit. The best of LBR_BENCH_ROUNDS rounds (default 2) counts.
+is a whole process, start to exit. The best of LBR_BENCH_ROUNDS rounds (default 3) counts.
 Prints `ratio (ours/theirs)` lines. Not a test: never fails on time.
 """
 
@@ -98,7 +98,7 @@ def main() -> None:
     import libvirt
 
     size = int(os.environ.get("LBR_BENCH_MIB", "2048")) * MiB
-    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "2"))
+    rounds = int(os.environ.get("LBR_BENCH_ROUNDS", "3"))
     work = os.environ.get("LBR_BENCH_DIR")
     with tempfile.TemporaryDirectory(prefix="lbr-bench-", dir=work) as tmp:
         folder = Path(tmp)
