@@ -176,7 +176,8 @@ def _print_summary(summary: BackupSummary) -> None:
     "disks",
     multiple=True,
     metavar="NAME",
-    help="Back up only this disk (device id, else node name); repeatable. Default: all disks.",
+    help="Back up only this disk (device id, else node name; target dev with --libvirt); "
+    "repeatable. Default: all disks.",
 )
 @click.option("--full", is_flag=True, help="Read every disk whole (a new full restore point).")
 @click.option(

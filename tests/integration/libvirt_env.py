@@ -86,11 +86,23 @@ def _start() -> None:
         if not _alive(PIDFILES[daemon]):
             subprocess.run([daemon, "-d"], check=True)
     (STATE / "started").touch()
+    _wait_until_serving()
+
+
+def _wait_until_serving() -> None:
+    """Until a connection works (a socket file left by an earlier daemon may already exist)."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     deadline = time.monotonic() + 30
-    while not SOCKET.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError("libvirtd did not create its socket within 30 s")
-        time.sleep(0.1)
+    while True:
+        try:
+            libvirt.open(URI).close()
+            return
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("libvirtd did not serve within 30 s") from None
+            time.sleep(0.1)
 
 
 def _stop() -> None:
