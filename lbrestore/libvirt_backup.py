@@ -271,28 +271,44 @@ def _private_folder(parent: Path | None, owner: tuple[int, int] | None) -> Path:
     return folder
 
 
-def end_leftover_job(domain: lv.Domain) -> str | None:
-    """End the domain's backup job if a killed receiver left it: its NBD socket is in a
-    private folder of a receiver that no longer runs. Returns what was removed, or None when
-    the domain runs no job. Any other job makes the domain busy (DomainBusyError)."""
+def end_leftover_job(domain: lv.Domain, prefix: str) -> str | None:
+    """End the domain's backup job if a killed receiver of this store left it. Returns what was
+    removed, or None when the domain runs no job. Any other job makes the domain busy
+    (DomainBusyError).
+
+    A job whose NBD socket lies in an lbrestore private folder is a leftover when the receiver
+    that folder names no longer runs. A job over TCP (the receiver may be on another host) is
+    this store's when a checkpoint with this store's prefix is visible in libvirt: between
+    backups this store keeps none there, so only a job of this store made it; and the caller
+    holds this VM's write lock in this store, so the receiver that began the job is gone.
+    """
     if not domain.has_job():
         return None
     try:
         socket = lv.backup_socket(domain.backup_xml())
     except QemuError:
-        socket = None  # not a backup job
-    folder = Path(socket).parent if socket else None
+        raise DomainBusyError(f"back up {domain.name}", "the domain runs another job") from None
+    if socket is None:
+        return _end_tcp_leftover(domain, prefix)
+    folder = Path(socket).parent
     receiver = None
-    if folder is not None and folder.name.startswith("lbrestore-"):
+    if folder.name.startswith("lbrestore-"):
         with contextlib.suppress(OSError):
             receiver = (folder / RECEIVER_FILE).read_text().strip()
     pid = (receiver or "").split()[:1]
     if not pid or not pid[0].isdigit() or _process_identity(int(pid[0])) == receiver:
         raise DomainBusyError(f"back up {domain.name}", "the domain runs another job")
     domain.abort_job()
-    assert folder is not None
     shutil.rmtree(folder, ignore_errors=True)
     return f"backup job of a receiver that is gone (process {pid[0]})"
+
+
+def _end_tcp_leftover(domain: lv.Domain, prefix: str) -> str:
+    """See end_leftover_job: a TCP job is ended only when this store's checkpoint shows it."""
+    if not any(name.startswith(prefix) for name in domain.checkpoint_names()):
+        raise DomainBusyError(f"back up {domain.name}", "the domain runs another job")
+    domain.abort_job()
+    return "backup job over TCP of this store's receiver that is gone"
 
 
 async def run_libvirt_backup(
@@ -328,7 +344,7 @@ async def _backup_running(
     hooks: BackupHooks,
     summary: BackupSummary,
 ) -> RestorePoint:
-    leftover = end_leftover_job(domain)
+    leftover = end_leftover_job(domain, store_prefix(store.identity()["id"]))
     if leftover is not None:
         summary.leftovers_removed.append(leftover)
     live = domain.xml()

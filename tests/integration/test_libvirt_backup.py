@@ -16,6 +16,7 @@ import pytest
 from conftest import MiB, assert_point_equals
 from libvirt_env import URI, GuestlessDomain
 
+from lbqemu.errors import DomainBusyError
 from lbrestore.backup import BackupHooks, BackupSummary
 from lbrestore.cli import main
 from lbrestore.errors import UsageError
@@ -200,13 +201,9 @@ def test_cli_backup_and_usage_errors(make_domain, store_path, capsys) -> None:
 
 
 def test_nbd_over_tcp_and_one_disk_of_two(make_domain, store_path, tmp_path) -> None:
-    import socket
-
     dom = make_domain({"vda": 8 * MiB, "vdb": 8 * MiB})
     dom.qemu_io("vdb", "write -P 0x91 1M 128k")
-    with socket.socket() as probe:  # a free port for libvirt's NBD server
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_tcp_port()
     snaps = dom.snapshot_all(tmp_path, "tcp")
     point = lv_backup(
         store_path, dom, disks=("vdb",), nbd=f"tcp:127.0.0.1:{port}", insecure_tcp=True
@@ -228,21 +225,31 @@ from lbstore.store import Store
 def die(disk, offset, length):
     os._exit(9)  # no cleanup at all, as under SIGKILL
 
-store_path, vm, uri = sys.argv[1:]
-options = LibvirtBackupOptions(vm=vm, uri=uri)
+store_path, vm, uri, nbd = sys.argv[1:]
+tcp = dict(nbd=nbd, insecure_tcp=True) if nbd else {}
+options = LibvirtBackupOptions(vm=vm, uri=uri, **tcp)
 with Store.open(store_path, write=True, vm=vm) as store:
     asyncio.run(run_libvirt_backup(store, options, BackupHooks(progress=die)))
 """
 
 
-def test_receiver_killed_mid_pull(make_domain, store_path, tmp_path) -> None:
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # a free port for libvirt's NBD server
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_receiver_killed_mid_pull(make_domain, store_path, tmp_path, transport) -> None:
     dom = make_domain()
     dom.qemu_io("vda", "write -P 0xa1 0 1M")
     lv_backup(store_path, dom)
     dom.qemu_io("vda", "write -P 0xa2 2M 64k")
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RECEIVER, str(store_path), dom.name, URI], check=False
-    )
+    nbd = f"tcp:127.0.0.1:{free_tcp_port()}" if transport == "tcp" else ""
+    argv = [sys.executable, "-c", KILLED_RECEIVER, str(store_path), dom.name, URI, nbd]
+    killed = subprocess.run(argv, check=False)
     assert killed.returncode == 9
     assert dom.handle.jobInfo()[0] != 0  # its pull job is still running in libvirt
     assert len(checkpoints(dom)) == 2  # the kept one, redefined, and the new one
@@ -253,3 +260,21 @@ def test_receiver_killed_mid_pull(make_domain, store_path, tmp_path) -> None:
     assert after.kind == "incremental" and after.bytes_read == 2 * 64 * 1024
     assert_point_equals(store_path, after.point_id, snaps)
     assert checkpoints(dom) == [] and len(ours(dom)) == 1
+
+
+def test_another_tools_tcp_job_is_left_alone(make_domain, store_path) -> None:
+    """A TCP job with no checkpoint of this store showing is not ours to end: busy, untouched."""
+    dom = make_domain()
+    dom.qemu_io("vda", "write -P 0xb1 0 256k")
+    first = lv_backup(store_path, dom)
+    server = f"<server transport='tcp' name='127.0.0.1' port='{free_tcp_port()}'/>"
+    dom.handle.backupBegin(f"<domainbackup mode='pull'>{server}</domainbackup>", None)
+    try:
+        with pytest.raises(DomainBusyError, match="another job"):
+            lv_backup(store_path, dom)
+        assert dom.handle.jobInfo()[0] != 0  # still running
+    finally:
+        dom.handle.abortJob()
+    dom.qemu_io("vda", "write -P 0xb2 1M 64k")
+    after = lv_backup(store_path, dom)
+    assert after.kind == "incremental" and after.point_id > first.point_id
