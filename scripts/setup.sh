@@ -13,7 +13,8 @@ DEBIAN_PACKAGES=(
   fdisk e2fsprogs                                # sfdisk and mkfs.ext4 for test images
   gnutls-bin openssl                             # certtool for TLS test certificates
   busybox-static extlinux syslinux-common mtools # a real tiny Linux guest (its kernel is fetched
-  dosfstools cpio                                #   with apt-get download into the test cache)
+  dosfstools cpio syslinux                       #   with apt-get download into the test cache;
+  ovmf                                           #   syslinux installs rootless via mtools; UEFI)
   ntfs-3g xfsprogs lvm2 exfatprogs               # guest filesystems built at test time
   libvirt-daemon-system python3-libvirt          # libvirt's backup API (--libvirt)
   virtnbdbackup                                  # the peer measured side by side in bench/
