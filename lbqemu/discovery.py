@@ -172,11 +172,27 @@ async def _machine(session: QmpSession) -> str | None:
     return text[: -len("-machine")] if text.endswith("-machine") else text
 
 
+async def _firmware(session: QmpSession) -> str | None:
+    """ "uefi" when the machine has a pflash firmware drive (OVMF); None when it has none."""
+    value = await _try(session, "qom-get", {"path": "/machine", "property": "pflash0"})
+    return "uefi" if value else None
+
+
 async def vm_definition(session: QmpSession, disks: list[DiskInfo]) -> dict[str, Any]:
     """The VM definition JSON of docs/internals.md, best effort (nulls where QEMU cannot say).
 
     The queries are independent: they are sent together (QMP matches replies by id)."""
-    name, uuid_reply, memory, cpus, machine, nics, target, *devices = await asyncio.gather(
+    (
+        name,
+        uuid_reply,
+        memory,
+        cpus,
+        machine,
+        nics,
+        target,
+        firmware,
+        *devices,
+    ) = await asyncio.gather(
         _try(session, "query-name"),
         _try(session, "query-uuid"),
         _try(session, "query-memory-size-summary"),
@@ -184,6 +200,7 @@ async def vm_definition(session: QmpSession, disks: list[DiskInfo]) -> dict[str,
         _machine(session),
         _nics(session),
         _try(session, "query-target"),
+        _firmware(session),
         *(_device_type(session, disk.device_id) for disk in disks),
     )
     uuid = (uuid_reply or {}).get("UUID")
@@ -209,4 +226,5 @@ async def vm_definition(session: QmpSession, disks: list[DiskInfo]) -> dict[str,
         "nics": nics,
         "libvirt_xml": None,
         "arch": (target or {}).get("arch"),
+        "firmware": firmware,
     }

@@ -168,9 +168,15 @@ def domain_facts(domain_xml: str) -> dict[str, Any]:
         target = disk.find("target")
         if target is not None and target.get("dev"):
             devices[str(target.get("dev"))] = _DISK_DEVICES.get(target.get("bus", ""))
+    os_element = root.find("os")
+    loader = root.find("os/loader")
+    uefi = (os_element is not None and os_element.get("firmware") == "efi") or (
+        loader is not None and loader.get("type") == "pflash"
+    )
     return {
         "name": root.findtext("name"),
         "uuid": root.findtext("uuid"),
+        "firmware": "uefi" if uefi else None,
         "machine": os_type.get("machine") if os_type is not None else None,
         "memory_mib": memory_mib,
         "cpus": int(vcpu) if vcpu.isdigit() else None,

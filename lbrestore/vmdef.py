@@ -404,12 +404,14 @@ def qemu_script(
         "#!/bin/sh",
         f"# Start {host.name}, restored by lbrestore, with QEMU.",
         "# Extra QEMU options may follow, e.g. -S -display none; NET=none starts it without NICs;",
-        "# CPU=host (or another model) for guests that need more than QEMU's default CPU model.",
+        "# CPU=host (or another model) for guests that need more than QEMU's default CPU model;",
+        "# ACCEL=tcg where KVM cannot run the guest (default kvm:tcg, KVM when the host has it).",
         *[f"# {note}" for note in _script_notes(definition)],
         "set -eu",
         'DIR=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)',
         "D=$(printf '%s' \"$DIR\" | sed 's/,/,,/g')",
         'NET="${NET:-user}"',
+        'ACCEL="${ACCEL:-kvm:tcg}"',
         'if [ "$NET" = none ]; then',
         '  set -- -nic none "$@"',
         "else",
@@ -438,10 +440,10 @@ def _script_arguments(
 ) -> str:
     """The QEMU arguments, one option per continuation line, quoted for the shell."""
     machine = str(definition.get("machine") or "")
-    machine_option = f"{machine},accel=kvm:tcg" if machine else "accel=kvm:tcg"
+    machine_option = (shlex.quote(f"{machine},") if machine else "") + '"accel=$ACCEL"'
     options: list[tuple[str, ...]] = [
         ("-name", shlex.quote(qemu_escape(host.name))),
-        ("-machine", shlex.quote(machine_option)),
+        ("-machine", machine_option),
         ("-uuid", host.uuid),
         ("-nodefaults",),
     ]

@@ -246,6 +246,8 @@ def _print_restore(result: RestoreResult) -> None:
 )
 @click.option(
     "--boot-marker",
+    "--boot-pattern",
+    "boot_marker",
     default=DEFAULT_BOOT_MARKER,
     show_default=True,
     metavar="REGEX",
@@ -256,7 +258,8 @@ def _print_restore(result: RestoreResult) -> None:
     type=click.Choice(["auto", "kvm", "tcg"]),
     default="auto",
     show_default=True,
-    help="Accelerator of the boot test (auto: KVM when available, else TCG).",
+    help="Accelerator of the boot test (auto: KVM when available, and TCG when KVM cannot "
+    "run the guest).",
 )
 @json_option
 def verify_command(
@@ -274,7 +277,9 @@ def verify_command(
     VM@SPEC, the files of that point's chains. Every restore point whose view includes a
     damaged file is listed, and the exit code is 3. --boot boots VM@SPEC (VM alone: its latest
     point) with -snapshot and no network, and succeeds when the serial console matches
-    --boot-marker within --boot-timeout; a failed boot also exits 3.
+    --boot-marker within --boot-timeout; a failed boot also exits 3. A guest that QEMU stops
+    (KVM internal error, kernel panic) fails at once with QEMU's message; with the default
+    accelerator, a guest KVM cannot run is booted again under TCG. UEFI guests boot with OVMF.
     """
     if boot:
         if address is None:
@@ -363,6 +368,7 @@ def _boot(store: Store, point: RestorePoint, options: dict[str, Any]) -> BootRes
     vm = BootMachine(
         machine="pc" if "q35" not in machine and "pc" in machine else "q35",
         memory_mib=int(definition.get("memory_mib") or DEFAULT_MEMORY_MIB),
+        uefi=definition.get("firmware") == "uefi",
     )
     return boot_test(
         disks,
@@ -400,6 +406,13 @@ def _print_report(report: VerifyReport) -> None:
 
 
 def _print_boot(result: BootResult) -> None:
+    for attempt in result.earlier:
+        click.echo(
+            f"boot: {attempt.accelerator.upper()} (cpu {attempt.cpu}) could not run the guest "
+            f"({attempt.seconds:.1f} s): {attempt.reason}"
+        )
+    if result.earlier:
+        click.echo(f"boot: retrying under {result.accelerator.upper()}")
     accel = f"{result.accelerator.upper()}, cpu {result.cpu}"
     if result.booted:
         click.echo(

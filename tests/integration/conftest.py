@@ -127,3 +127,14 @@ def make_domain(libvirt_conn: Any, tmp_path: Path) -> Iterator[Callable[..., Any
             )
 
         yield make
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> Any:
+    """The real tiny Linux guest's image (built from Debian packages once, then cached)."""
+    from fixtures.linux_guest import GuestBuildError, linux_guest_image
+
+    try:
+        return linux_guest_image()
+    except GuestBuildError as exc:
+        pytest.fail(f"cannot build the Linux guest image: {exc}")

@@ -263,6 +263,25 @@ def test_script_arguments_expand_as_qemu_expects(tmp_path: Path) -> None:
     )
     args = run.stdout.splitlines()
     assert args[args.index("-cpu") + 1] == "host"
+    assert args[args.index("-machine") + 1].endswith(",accel=kvm:tcg")
+
+
+def test_script_accelerator_is_a_setting(tmp_path: Path) -> None:
+    """ACCEL=tcg starts the restored VM under TCG (hosts whose KVM cannot run the guest)."""
+    host = write_host_definition(DEFINITION, restored(tmp_path, "vda"), tmp_path, name="web1")
+    fake = tmp_path / "fake-qemu"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake.chmod(0o755)
+    run = subprocess.run(
+        [str(host.script_path)],
+        capture_output=True,
+        text=True,
+        env={"QEMU": str(fake), "PATH": "/usr/bin:/bin", "ACCEL": "tcg"},
+        check=True,
+    )
+    args = run.stdout.splitlines()
+    assert args[args.index("-machine") + 1] == f"{DEFINITION['machine']},accel=tcg"
+    assert "ACCEL=" in host.script_path.read_text()
 
 
 def test_source_xml_that_is_not_a_domain_is_refused(tmp_path: Path) -> None:
