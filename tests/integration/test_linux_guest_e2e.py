@@ -146,6 +146,18 @@ def test_quiesced_point_passes_its_manifest_completely(
     assert bad == 0 and missing == 0 and ok == len(restored_latest.results)
 
 
+def test_only_the_quiesced_point_s_ext4_is_clean(story: Story, tmp_path: Path) -> None:
+    """A crash-consistent ext4 needs its journal replayed (README: noload, or replay a copy);
+    one frozen by the guest's agent does not."""
+    if story.quiesced is None:
+        pytest.skip(story.no_qga_reason)
+    middle = sorted(story.synced_before)[1]
+    crashed = data_partition_through_mount(story.store, f"lg@#{middle}", tmp_path / "m")
+    assert needs_journal_replay(crashed)
+    quiesced = data_partition_through_mount(story.store, f"lg@#{story.quiesced}", tmp_path / "q")
+    assert not needs_journal_replay(quiesced)
+
+
 def test_older_point_read_through_the_mount_matches_its_manifest(
     story: Story, tmp_path: Path
 ) -> None:
@@ -160,12 +172,10 @@ def test_older_point_read_through_the_mount_matches_its_manifest(
         assert hashlib.sha256(files[f"files/{name}"]).hexdigest() == digest, name
 
 
-def guest_files_through_mount(store: Path, address: str, work: Path) -> dict[str, bytes]:
-    """The data partition's files, as a user gets them from a mount: copy vda-part2.raw out,
-    replay its journal on the copy (a live backup's ext4 is crash-consistent), dump with
-    debugfs. No root needed."""
+def data_partition_through_mount(store: Path, address: str, work: Path) -> Path:
+    """A copy of the point's vda-part2.raw, read through `lbrestore mount`."""
     mountpoint = work / "mnt"
-    mountpoint.mkdir()
+    mountpoint.mkdir(parents=True)
     done = lbrestore(store, "mount", address, str(mountpoint))
     assert done.returncode == 0, done.stderr
     try:
@@ -175,6 +185,20 @@ def guest_files_through_mount(store: Path, address: str, work: Path) -> dict[str
         )
     finally:
         assert lbrestore(store, "umount", str(mountpoint)).returncode == 0
+    return partition
+
+
+def needs_journal_replay(partition: Path) -> bool:
+    header = subprocess.run(["dumpe2fs", "-h", partition], capture_output=True, text=True)
+    features = next(line for line in header.stdout.splitlines() if "features:" in line)
+    return "needs_recovery" in features
+
+
+def guest_files_through_mount(store: Path, address: str, work: Path) -> dict[str, bytes]:
+    """The data partition's files, as a user gets them from a mount: copy vda-part2.raw out,
+    replay its journal on the copy (a live backup's ext4 is crash-consistent), dump with
+    debugfs. No root needed."""
+    partition = data_partition_through_mount(store, address, work)
     replay = subprocess.run(
         ["e2fsck", "-p", "-E", "journal_only", partition], capture_output=True, text=True
     )
