@@ -15,6 +15,7 @@ from lbqemu.errors import DiskSelectionError, QmpCommandError
 from lbqemu.qmp import QmpSession
 
 PERIPHERAL = "/machine/peripheral/"
+SYSTEM_FLASH = "/machine/system.flash"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class DiskInfo:
     def can_persist_bitmaps(self) -> bool:
         """Only a writable qcow2 node stores dirty bitmaps across QEMU restarts."""
         return self.format == "qcow2" and not self.read_only
+
+    @property
+    def is_firmware_flash(self) -> bool:
+        """A pflash drive of the machine (OVMF's code or its UEFI variables), not a disk."""
+        return (self.qdev or "").startswith(SYSTEM_FLASH)
 
     def bitmap(self, name: str) -> BitmapInfo | None:
         return next((b for b in self.bitmaps if b.name == name), None)
@@ -118,9 +124,10 @@ async def list_disks(session: QmpSession) -> list[DiskInfo]:
 
 def choose_disks(disks: list[DiskInfo], names: list[str] | tuple[str, ...]) -> list[DiskInfo]:
     """The disks named by `--disk`; an unknown name is DiskSelectionError. Without names: every
-    writable disk (a read-only medium such as a CD-ROM never changes; name it to include it)."""
+    writable disk (a read-only medium such as a CD-ROM never changes; name it to include it),
+    but not the firmware's flash (UEFI variables: the restored VM starts from OVMF's template)."""
     if not names:
-        return [d for d in disks if not d.read_only]
+        return [d for d in disks if not d.read_only and not d.is_firmware_flash]
     by_name = {d.name: d for d in disks}
     unknown = [n for n in names if n not in by_name]
     if unknown:

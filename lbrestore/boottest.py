@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -91,6 +92,8 @@ class BootResult:
     """QEMU's run state when it stopped the guest but stayed alive (internal-error, ...)."""
     earlier: tuple[BootResult, ...] = field(default=())
     """Failed attempts before this one (KVM that stopped the guest, before the TCG retry)."""
+    firmware: str = "bios"
+    """"uefi" (OVMF) or "bios" (SeaBIOS)."""
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready form, for `verify --boot --json`."""
@@ -102,6 +105,7 @@ class BootResult:
             "marker": self.marker,
             "reason": self.reason,
             "stopped_state": self.stopped_state,
+            "firmware": self.firmware,
             "console_tail": self.console_tail,
             "earlier_attempts": [attempt.as_dict() for attempt in self.earlier],
         }
@@ -238,7 +242,8 @@ def boot_test(
         (accel, cpu, qemu_boot_command(disks, vm, accelerator=accel, cpu=cpu))
         for accel, cpu in _attempts(accelerator)
     ]
-    return asyncio.run(_boot_attempts(commands, pattern, marker, timeout))
+    result = asyncio.run(_boot_attempts(commands, pattern, marker, timeout))
+    return dataclasses.replace(result, firmware="uefi" if vm.uefi else "bios")
 
 
 async def _boot_attempts(
@@ -279,6 +284,7 @@ def _with_earlier(result: BootResult, earlier: list[BootResult]) -> BootResult:
         cpu=result.cpu,
         stopped_state=result.stopped_state,
         earlier=tuple(earlier),
+        firmware=result.firmware,
     )
 
 

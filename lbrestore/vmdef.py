@@ -332,6 +332,8 @@ def generate_libvirt_xml(
     ET.SubElement(root, "memory", {"unit": "MiB"}).text = str(int(memory_mib))
     ET.SubElement(root, "vcpu").text = str(int(definition.get("cpus") or 1))
     os_element = ET.SubElement(root, "os")
+    if definition.get("firmware") == "uefi":
+        os_element.set("firmware", "efi")  # libvirt picks OVMF and makes the NVRAM
     os_type = ET.SubElement(os_element, "type", {"arch": "x86_64"})
     if definition.get("machine"):
         os_type.set("machine", str(definition["machine"]))
@@ -420,10 +422,30 @@ def qemu_script(
         'if [ -n "${CPU:-}" ]; then',
         '  set -- -cpu "$CPU" "$@"',
         "fi",
+        *(_uefi_lines(host) if definition.get("firmware") == "uefi" else []),
         "set --" + _script_arguments(definition, disks, host) + ' "$@"',
         'exec "${QEMU:-qemu-system-x86_64}" "$@"',
     ]
     return "\n".join(lines) + "\n"
+
+
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
+
+def _uefi_lines(host: HostDefinition) -> list[str]:
+    """OVMF's firmware (OVMF_CODE=), and a variable store beside the script, made from OVMF's
+    template on the first start (the old host's UEFI variables are not in the backup)."""
+    variables = f"{host.name}_VARS.fd"  # VM names need no quoting ([A-Za-z0-9._-])
+    return [
+        f'OVMF_CODE="${{OVMF_CODE:-{OVMF_CODE}}}"',
+        f'OVMF_VARS="${{OVMF_VARS:-$DIR/{variables}}}"',
+        f'[ -e "$OVMF_VARS" ] || cp "${{OVMF_VARS_TEMPLATE:-{OVMF_VARS}}}" "$OVMF_VARS"',
+        'set -- -drive "if=pflash,unit=0,format=raw,readonly=on,file=$(printf \'%s\' "$OVMF_CODE"'
+        " | sed 's/,/,,/g')\" \\",
+        '  -drive "if=pflash,unit=1,format=raw,file=$(printf \'%s\' "$OVMF_VARS"'
+        ' | sed \'s/,/,,/g\')" "$@"',
+    ]
 
 
 def _script_notes(definition: Mapping[str, Any]) -> list[str]:
@@ -432,6 +454,8 @@ def _script_notes(definition: Mapping[str, Any]) -> list[str]:
     for key, what in (("machine", "machine type"), ("memory_mib", "memory"), ("cpus", "CPUs")):
         if not definition.get(key):
             notes.append(f"{what} unknown at backup time: QEMU's default is used")
+    if definition.get("firmware") == "uefi":
+        notes.append("UEFI: OVMF_CODE= (firmware) and OVMF_VARS= (its variables) may be set")
     return notes
 
 

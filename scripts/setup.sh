@@ -14,7 +14,7 @@ DEBIAN_PACKAGES=(
   gnutls-bin openssl                             # certtool for TLS test certificates
   busybox-static extlinux syslinux-common mtools # a real tiny Linux guest (its kernel is fetched
   dosfstools cpio syslinux                       #   with apt-get download into the test cache;
-  ovmf                                           #   syslinux installs rootless via mtools; UEFI)
+  ovmf syslinux-efi                              #   syslinux installs rootless via mtools; UEFI)
   ntfs-3g xfsprogs lvm2 exfatprogs               # guest filesystems built at test time
   libvirt-daemon-system python3-libvirt          # libvirt's backup API (--libvirt)
   virtnbdbackup                                  # the peer measured side by side in bench/

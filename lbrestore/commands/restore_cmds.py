@@ -414,6 +414,8 @@ def _print_boot(result: BootResult) -> None:
     if result.earlier:
         click.echo(f"boot: retrying under {result.accelerator.upper()}")
     accel = f"{result.accelerator.upper()}, cpu {result.cpu}"
+    if result.firmware == "uefi":
+        accel += ", UEFI"
     if result.booted:
         click.echo(
             f"boot: OK in {result.seconds:.1f} s ({accel}): console matched {result.marker!r}"

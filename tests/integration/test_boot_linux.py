@@ -8,11 +8,21 @@ first attempt simply succeeds. A point whose boot partition was zeroed fails wit
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from fixtures.linux_guest import BOOT_MARKER, BOOT_SIZE, BOOT_START, LinuxGuestImage
+from fixtures.linux_guest import (
+    BOOT_MARKER,
+    BOOT_SIZE,
+    BOOT_START,
+    LinuxGuestImage,
+    boot_restored,
+    check_report,
+    copy_image,
+    running_guest,
+)
 from restore_store import lbrestore
 
 
@@ -67,3 +77,34 @@ def test_zeroed_boot_partition_fails_with_a_reason(guest_store: Path) -> None:
     assert "no damage found" in done.stdout  # the store is intact; the guest is broken
     assert "boot: FAILED" in done.stdout
     assert "before the boot marker 'LBR-LINUX-GUEST-UP'" in done.stdout
+
+
+def test_uefi_guest_is_booted_with_ovmf(tmp_path: Path, linux_guest: LinuxGuestImage) -> None:
+    """A guest running on OVMF is recorded as UEFI: verify --boot and the restored start
+    script boot it with OVMF (the disk has syslinux.efi at EFI/BOOT/BOOTX64.EFI)."""
+    store = tmp_path / "store"
+    assert lbrestore(store, "init").returncode == 0
+    disk = copy_image(linux_guest, tmp_path / "vda.qcow2")
+    with running_guest(disk, tmp_path / "vm", qga=False, uefi=True) as guest:
+        guest.wait_for("BdsDxe")  # OVMF's own words: the original runs UEFI
+        guest.wait_for(BOOT_MARKER)
+        synced = guest.wait_synced(3)
+        done = lbrestore(store, "backup", "lg", "--qmp", guest.qmp_address)
+        assert done.returncode == 0, done.stderr
+    info = lbrestore(store, "info", "lg@latest", "--json")
+    assert '"firmware": "uefi"' in info.stdout, info.stdout
+    boot = lbrestore(
+        store, "verify", "lg@latest", "--boot", "--boot-accel", "tcg",
+        "--boot-pattern", BOOT_MARKER, "--json",
+    )  # fmt: skip
+    assert boot.returncode == 0, boot.stdout + boot.stderr
+    result = json.loads(boot.stdout)["boot"]
+    assert result["firmware"] == "uefi" and "BdsDxe" in result["console_tail"]
+    target = tmp_path / "restored"
+    done = lbrestore(store, "restore", "lg@latest", "--to", str(target), "--name", "lgu")
+    assert done.returncode == 0, done.stderr
+    assert "firmware='efi'" in (target / "lgu.xml").read_text().replace('"', "'")
+    console = boot_restored(target / "start-lgu.sh")
+    assert "BdsDxe" in console and BOOT_MARKER in console, console[-2000:]
+    report = check_report(console)
+    assert all(report.results.get(seq) == "OK" for seq in range(1, synced + 1)), console[-2000:]

@@ -41,6 +41,15 @@ def test_parse_address_rejects(text: str) -> None:
     assert info.value.exit_code == 2
 
 
+def test_choose_disks_leaves_the_firmware_flash_out_unless_named() -> None:
+    """-drive if=pflash: OVMF's variables are writable but not a disk of the VM."""
+    flash = DiskInfo("pflash1", "#block123", 540672, "raw", C, None, "/machine/system.flash1",
+                     "pflash1")  # fmt: skip
+    assert flash.is_firmware_flash and not disk("vda").is_firmware_flash
+    assert [d.name for d in choose_disks([disk("vda"), flash], [])] == ["vda"]
+    assert [d.name for d in choose_disks([disk("vda"), flash], ["pflash1"])] == ["pflash1"]
+
+
 def test_nbd_endpoint_refuses_plain_tcp_unless_asked(tmp_path: Path) -> None:
     assert nbd_endpoint(None, tmp_path).path == str(tmp_path / "nbd.sock")
     with pytest.raises(InsecureTransportError):
