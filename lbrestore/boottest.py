@@ -177,6 +177,12 @@ def qemu_boot_command(
         "chardev:console",
         "-monitor",
         "none",
+        # A kernel with the pvpanic driver reports its panic: QEMU pauses the guest
+        # (guest-panicked), and the test says so instead of waiting for the timeout.
+        "-device",
+        "pvpanic",
+        "-action",
+        "panic=pause",
     ]
     if vm.uefi:
         firmware = ovmf_files()
@@ -327,7 +333,9 @@ async def _boot_once(
         reason = f"no boot marker {marker!r} within the boot timeout of {timeout:g} s"
     elif run.status == 0:
         reason = f"the guest reset or powered off before the boot marker {marker!r}"
-        if not console.strip():
+        if "Kernel panic" in console:
+            reason = f"the guest kernel panicked and reset before the boot marker {marker!r}"
+        elif not console.strip():
             reason += " (no bootable disk?)"
     else:
         said = qemu_message(stderr) or "no message"

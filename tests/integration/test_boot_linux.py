@@ -22,13 +22,15 @@ from fixtures.linux_guest import (
     check_report,
     copy_image,
     running_guest,
+    set_kernel_args,
 )
 from restore_store import lbrestore
 
 
 @pytest.fixture(scope="module")
 def guest_store(tmp_path_factory: pytest.TempPathFactory, linux_guest: LinuxGuestImage) -> Path:
-    """lg@#1: the guest's disk as built; lg@#2: the same with its boot partition zeroed."""
+    """lg@#1: the guest's disk as built; lg@#2: the same with its boot partition zeroed;
+    lg@#3: a kernel that panics before user space prints its marker."""
     root = tmp_path_factory.mktemp("linuxboot")
     store = root / "store"
     assert lbrestore(store, "init").returncode == 0
@@ -37,7 +39,10 @@ def guest_store(tmp_path_factory: pytest.TempPathFactory, linux_guest: LinuxGues
     with raw.open("r+b") as disk:
         disk.seek(BOOT_START)
         disk.write(bytes(BOOT_SIZE))
-    for image in (linux_guest.path, raw):
+    panics = root / "panics.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", linux_guest.path, panics], check=True)
+    set_kernel_args(panics, "lbrestore.panic")
+    for image in (linux_guest.path, raw, panics):
         done = lbrestore(store, "import", "lg", "--disk", f"vda={image}")
         assert done.returncode == 0, done.stderr
     return store
@@ -108,3 +113,17 @@ def test_uefi_guest_is_booted_with_ovmf(tmp_path: Path, linux_guest: LinuxGuestI
     assert "BdsDxe" in console and BOOT_MARKER in console, console[-2000:]
     report = check_report(console)
     assert all(report.results.get(seq) == "OK" for seq in range(1, synced + 1)), console[-2000:]
+
+
+def test_kernel_panic_stops_the_boot_with_a_reason(guest_store: Path) -> None:
+    """The guest's pvpanic device reports the panic: QEMU pauses it (guest-panicked), and the
+    boot fails at once instead of waiting out the timeout."""
+    done = lbrestore(
+        guest_store, "verify", "lg@#3", "--boot", "--boot-accel", "tcg",
+        "--boot-pattern", BOOT_MARKER, "--boot-timeout", "600", "--json",
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    boot = json.loads(done.stdout)["boot"]
+    assert boot["stopped_state"] == "guest-panicked", boot
+    assert "the guest kernel panicked" in boot["reason"]
+    assert "Call Trace" in boot["console_tail"] and boot["seconds"] < 600
