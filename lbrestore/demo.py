@@ -25,8 +25,10 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
-INCREMENTAL_EVERY = 20.0
-MOUNT_AGE_MINUTES = 1
+INCREMENTAL_EVERY = float(os.environ.get("LBR_DEMO_EVERY", "20"))
+"""Seconds between incremental backups (a shorter demo for its smoke test: LBR_DEMO_EVERY)."""
+MOUNT_AGE_SECONDS = int(os.environ.get("LBR_DEMO_MOUNT_AGE", "60"))
+"""The demo mounts the point of this many seconds ago (`@1m-ago` by default)."""
 _started = time.monotonic()
 
 
@@ -102,7 +104,7 @@ def story(guest: ModuleType, folder: Path) -> None:
         lbrestore(store, "backup", "lg", "--qmp", vm.qmp_address)
         first_backup = time.monotonic()
         say(f"incremental backups every {INCREMENTAL_EVERY:g} s while the guest keeps writing")
-        while time.monotonic() - first_backup < MOUNT_AGE_MINUTES * 60 + 2:
+        while time.monotonic() - first_backup < MOUNT_AGE_SECONDS + 2:
             time.sleep(INCREMENTAL_EVERY)
             seen = guest.synced_sequence(vm.console())
             print(f"the guest has synced {seen} files")
@@ -118,10 +120,11 @@ def story(guest: ModuleType, folder: Path) -> None:
 
 def show_file_from_mount(store: Path, folder: Path) -> None:
     """Mount the point of a minute ago; read a file of the guest's ext4 partition through it."""
-    address = f"lg@{MOUNT_AGE_MINUTES}m-ago"
+    age = f"{MOUNT_AGE_SECONDS // 60}m" if MOUNT_AGE_SECONDS % 60 == 0 else f"{MOUNT_AGE_SECONDS}s"
+    address = f"lg@{age}-ago"
     mountpoint = folder / "mnt"
     mountpoint.mkdir()
-    say(f"a file from {MOUNT_AGE_MINUTES} minute ago: mount {address} (read-only, FUSE)")
+    say(f"a file from {age} ago: mount {address} (read-only, FUSE)")
     lbrestore(store, "mount", address, mountpoint)
     try:
         run("ls", "-l", mountpoint)
