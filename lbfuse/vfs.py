@@ -32,7 +32,7 @@ from lbfuse.errors import (
     SourceReadError,
     VfsError,
 )
-from lbfuse.partitions import read_partitions
+from lbguest.partitions import read_partitions
 
 FILE_MODE = stat.S_IFREG | 0o400
 FOLDER_MODE = stat.S_IFDIR | 0o500

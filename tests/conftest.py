@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["fixtures.guest_disks"]  # guest_disk_points: guest filesystems (issue 12)
+
 # A suite started in the background (`make test &`, cron, nohup) inherits SIGINT ignored, and so
 # would every process it starts; the Ctrl-C tests need what a terminal gives: the default.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:

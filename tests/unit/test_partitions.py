@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbfuse.partitions import (
+from lbguest.partitions import (
     GptHeader,
     GptPartitionEntry,
     Mbr,

@@ -1,0 +1,1 @@
+"""What is inside a guest disk, read in user space (partitions, LVM, filesystems)."""

@@ -1,0 +1,269 @@
+"""What every filesystem reader shares: path walking, caches, locking, guard rails, errors.
+
+A backend (ext, FAT, exFAT, NTFS, XFS) answers four questions about its own node objects: the
+root, the children of a folder, the entry of a node, and where a regular file's bytes lie (runs
+of (byte offset on the volume | None for a hole, length)). Everything else lives here, once:
+
+- paths are walked from the root through cached folder listings (bounded caches);
+- one lock per filesystem (the parsers seek a shared stream);
+- every request runs under a read budget (stream.ReadBudget), so a loop in damaged metadata
+  ends in DamagedFilesystemError instead of a hang;
+- the parsers signal garbage through many built-in exceptions (struct, EOF, index, value,
+  recursion...): exactly those, raised while parsing, become DamagedFilesystemError.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from dissect.cstruct.exceptions import Error as CstructError
+from dissect.extfs.exceptions import Error as ExtfsError
+from dissect.fat.exceptions import Error as FatError
+from dissect.ntfs.exceptions import Error as NtfsError
+from dissect.xfs.exceptions import Error as XfsError
+
+from lbguest.errors import DamagedFilesystemError, GuestError, GuestPathError
+from lbguest.model import EntryKind, GuestEntry
+from lbguest.stream import ReadBudget, SourceStream
+
+Node = TypeVar("Node")
+Run = tuple[int | None, int]
+
+PARSER_ERRORS: tuple[type[BaseException], ...] = (
+    CstructError,
+    ExtfsError,
+    FatError,
+    NtfsError,
+    XfsError,
+    EOFError,
+    struct.error,
+    ValueError,  # UnicodeDecodeError too
+    IndexError,
+    KeyError,
+    OverflowError,
+    ZeroDivisionError,
+    RecursionError,
+    NotImplementedError,
+    MemoryError,
+)
+"""What the dissect parsers raise on garbage (their own errors and the built-in ones)."""
+
+META_BUDGET = 64 << 20
+"""Bytes one metadata request (entry, listdir) may read: a huge folder fits, a loop does not."""
+MAX_FOLDER_ENTRIES = 1 << 20
+CACHE_FOLDERS = 4096
+CACHE_RUNS = 1024
+FOLDER_MODE = stat.S_IFDIR | 0o755
+FILE_MODE = stat.S_IFREG | 0o644
+SYMLINK_MODE = stat.S_IFLNK | 0o777
+
+
+def kind_of(mode: int) -> EntryKind:
+    """The EntryKind of a st_mode."""
+    if stat.S_ISDIR(mode):
+        return EntryKind.FOLDER
+    if stat.S_ISREG(mode):
+        return EntryKind.FILE
+    if stat.S_ISLNK(mode):
+        return EntryKind.SYMLINK
+    return EntryKind.OTHER
+
+
+def split_path(path: str) -> list[str]:
+    """The components of a relative path ("" and "/" are the root); "." and ".." refused."""
+    parts = [part for part in path.strip("/").split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise GuestPathError(path)
+    return parts
+
+
+class _Lru(OrderedDict[str, Any]):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class TreeFilesystem(Generic[Node]):
+    """A GuestFilesystem over a backend's nodes; subclasses implement the `_` hooks."""
+
+    fs_type: str = "unknown"
+
+    def __init__(self, name: str, stream: SourceStream, budget: ReadBudget) -> None:
+        self.name = name
+        self.journal = "no journal"
+        self._stream = stream
+        self._budget = budget
+        self._lock = threading.RLock()
+        self._folders: _Lru = _Lru(CACHE_FOLDERS)
+        self._runs: _Lru = _Lru(CACHE_RUNS)
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _root(self) -> Node:
+        raise NotImplementedError
+
+    def _children(self, node: Node) -> Iterator[tuple[str, Node]]:
+        """(name, node) of each entry of a folder, "." and ".." left out, any order."""
+        raise NotImplementedError
+
+    def _entry(self, name: str, node: Node) -> GuestEntry:
+        raise NotImplementedError
+
+    def _file_runs(self, node: Node, entry: GuestEntry) -> list[Run] | None:
+        """Where a regular file's bytes lie: (volume byte offset | None for a hole, length);
+        None when they do not lie in runs (resident, inline, compressed): then `_read_other`."""
+        raise NotImplementedError
+
+    def _read_other(self, node: Node, entry: GuestEntry, offset: int, length: int) -> bytes:
+        """Bytes of a file whose `_file_runs` is None."""
+        raise NotImplementedError
+
+    # -- the GuestFilesystem interface ---------------------------------------------------------
+
+    def entry(self, path: str) -> GuestEntry:
+        """The entry at `path` ("" is the root folder)."""
+        return self._guarded(path, META_BUDGET, lambda: self._lookup(path)[0])
+
+    def listdir(self, path: str) -> list[GuestEntry]:
+        """The entries of a folder, sorted by name."""
+
+        def listing() -> list[GuestEntry]:
+            entry, _node = self._lookup(path)
+            if entry.kind is not EntryKind.FOLDER:
+                raise GuestPathError(path, errno.ENOTDIR)
+            return [child for child, _ in self._folder(path).values()]
+
+        return self._guarded(path, META_BUDGET, listing)
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        """Bytes of a regular file; short only at its end."""
+        budget = META_BUDGET + 2 * max(0, length)
+        return self._guarded(path, budget, lambda: self._read(path, offset, length))
+
+    def holes(self, path: str) -> list[tuple[int, int]]:
+        """Sparse ranges of a regular file, merged, inside its size."""
+
+        def find() -> list[tuple[int, int]]:
+            entry, _node, runs = self._file(path)
+            found: list[tuple[int, int]] = []
+            position = 0
+            for where, length in runs or []:
+                length = min(length, entry.size - position)
+                if length <= 0:
+                    break
+                if where is None:
+                    if found and found[-1][0] + found[-1][1] == position:
+                        found[-1] = (found[-1][0], found[-1][1] + length)
+                    else:
+                        found.append((position, length))
+                position += length
+            return found
+
+        return self._guarded(path, META_BUDGET, find)
+
+    # -- machinery ---------------------------------------------------------------------------
+
+    def _guarded(self, path: str, budget: int, work: Callable[[], Any]) -> Any:
+        with self._lock, self._budget.limit(budget):
+            try:
+                return work()
+            except GuestError:
+                raise
+            except PARSER_ERRORS as exc:
+                raise DamagedFilesystemError(
+                    self.name, f"damaged {self.fs_type} metadata at {path or '/'}: {exc!r}"
+                ) from exc
+
+    def _lookup(self, path: str) -> tuple[GuestEntry, Node]:
+        parts = split_path(path)
+        if not parts:
+            root = self._root()
+            return self._entry("", root), root
+        parent = "/".join(parts[:-1])
+        if parts[:-1]:
+            entry, _ = self._lookup(parent)
+            if entry.kind is not EntryKind.FOLDER:
+                raise GuestPathError(path, errno.ENOTDIR)
+        found = self._folder(parent).get(parts[-1])
+        if found is None:
+            raise GuestPathError(path)
+        return found
+
+    def _folder(self, path: str) -> dict[str, tuple[GuestEntry, Node]]:
+        """name -> (entry, node) of a folder's entries, sorted by name (cached)."""
+        key = "/".join(split_path(path))
+        cached = self._folders.get(key)
+        if cached is not None:
+            self._folders.move_to_end(key)
+            return cached
+        if key:
+            _entry, node = self._lookup(key)
+        else:
+            node = self._root()
+        found: dict[str, tuple[GuestEntry, Node]] = {}
+        for name, child in self._children(node):
+            if name in (".", "..", "") or "/" in name or "\0" in name or name in found:
+                continue
+            if len(found) >= MAX_FOLDER_ENTRIES:
+                raise DamagedFilesystemError(self.name, f"{key or '/'}: too many entries")
+            found[name] = (self._entry(name, child), child)
+        listing = dict(sorted(found.items()))
+        self._folders.put(key, listing)
+        return listing
+
+    def _file(self, path: str) -> tuple[GuestEntry, Node, list[Run] | None]:
+        entry, node = self._lookup(path)
+        if entry.kind is EntryKind.FOLDER:
+            raise GuestPathError(path, errno.EISDIR)
+        if entry.kind is not EntryKind.FILE:
+            raise GuestPathError(path, errno.EINVAL)
+        key = "/".join(split_path(path))
+        if key in self._runs:
+            runs = self._runs[key]
+        else:
+            runs = self._file_runs(node, entry)
+            self._runs.put(key, runs)
+        return entry, node, runs
+
+    def _read(self, path: str, offset: int, length: int) -> bytes:
+        entry, node, runs = self._file(path)
+        if offset < 0 or length < 0:
+            raise GuestPathError(path, errno.EINVAL)
+        end = min(entry.size, offset + length)
+        if offset >= end:
+            return b""
+        if runs is None:
+            return self._read_other(node, entry, offset, end - offset)
+        pieces: list[bytes] = []
+        position = 0
+        for where, run_length in runs:
+            run_end = position + run_length
+            if run_end > offset and position < end:
+                lo, hi = max(offset, position), min(end, run_end)
+                if where is None:
+                    pieces.append(bytes(hi - lo))
+                else:
+                    data = self._stream.pread(where + lo - position, hi - lo)
+                    if len(data) != hi - lo:
+                        raise DamagedFilesystemError(
+                            self.name, f"{path}: data lies past the end of the volume"
+                        )
+                    pieces.append(data)
+            position = run_end
+            if position >= end:
+                break
+        if position < end:  # runs shorter than the size: the rest reads as zeros (a hole)
+            pieces.append(bytes(end - max(position, offset)))
+        return b"".join(pieces)

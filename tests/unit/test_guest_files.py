@@ -1,0 +1,151 @@
+"""lbguest reads every fixture filesystem exactly: bytes, symlinks, modes, holes, two versions.
+
+The fixture disks (tests/fixtures/guest_disks.py) are read as raw files; no store, no FUSE.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from fixtures.guest_disks import (
+    GuestDiskPoint,
+    GuestFs,
+    expected_tree,
+)
+
+from lbguest.errors import DamagedFilesystemError, GuestPathError
+from lbguest.files import GuestFiles
+from lbguest.model import EntryKind, GuestFilesystem
+
+
+class RawFile:
+    """A ByteSource over an image file."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+
+def open_point(point: GuestDiskPoint) -> GuestFiles:
+    return GuestFiles.open({name: RawFile(path) for name, path in point.disks.items()})
+
+
+def walk(fs: GuestFilesystem, path: str = "") -> dict[str, object]:
+    """Every entry under `path`: relative path -> GuestEntry."""
+    found: dict[str, object] = {path: fs.entry(path)}
+    for entry in fs.listdir(path):
+        child = f"{path}/{entry.name}" if path else entry.name
+        if entry.kind is EntryKind.FOLDER:
+            found.update(walk(fs, child))
+        else:
+            found[child] = entry
+    return found
+
+
+def assert_matches_source(fs: GuestFilesystem, case: GuestFs, source: Path) -> None:
+    expected = expected_tree(source, case)
+    got = walk(fs)
+    assert sorted(got) == sorted(expected), case.folder
+    for path, want in expected.items():
+        entry = got[path]
+        assert entry.kind.value == want.kind, path  # type: ignore[attr-defined]
+        if want.kind == "file":
+            assert fs.read(path, 0, len(want.data or b"") + 10) == want.data, path
+        if want.kind == "symlink":
+            assert entry.symlink_target == want.target, path  # type: ignore[attr-defined]
+        if case.modes and path != "":
+            assert stat.S_IMODE(entry.mode) == want.mode, path  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_filesystem_matches_its_source_tree(
+    guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint], version: int
+) -> None:
+    point = guest_disk_points[version - 1]
+    files = open_point(point)
+    assert sorted(files.filesystems) == sorted(case.folder for case in point.filesystems)
+    for case in point.filesystems:
+        fs = files.filesystems[case.folder]
+        assert fs.fs_type == case.fs_type
+        assert_matches_source(fs, case, point.source)
+    blank_notes = {note["source"] for note in files.notes}
+    assert blank_notes == set(point.blank)
+
+
+def test_holes_owners_and_reads_at_offsets(
+    guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint],
+) -> None:
+    point = guest_disk_points[0]
+    files = open_point(point)
+    sparse = (point.source / "sparse.img").read_bytes()
+    for case in point.filesystems:
+        fs = files.filesystems[case.folder]
+        assert (
+            fs.read("sparse.img", 2 * 1024 * 1024 - 100, 300)
+            == sparse[2 * 1024 * 1024 - 100 :][:300]
+        )
+        assert (
+            fs.read("big.bin", 3 * 1024 * 1024 - 5, 100)
+            == (point.source / "big.bin").read_bytes()[-5:]
+        )
+        holes = fs.holes("sparse.img")
+        if case.holes:
+            assert (8192, 2 * 1024 * 1024 - 8192) in holes, case.folder
+            assert holes[-1][0] + holes[-1][1] == len(sparse)
+            assert len(fs.holes("fragmented.bin")) >= 47
+        if case.owners:
+            info = (point.source / "bin/suid").stat()
+            entry = fs.entry("bin/suid")
+            assert (entry.uid, entry.gid) == (info.st_uid, info.st_gid)
+        assert fs.holes("big.bin") == []
+
+
+def test_paths_that_do_not_fit(guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint]) -> None:
+    files = open_point(guest_disk_points[0])
+    fs, rel = files.resolve("vda-part1/etc/fstab")
+    assert rel == "etc/fstab"
+    with pytest.raises(GuestPathError) as missing:
+        fs.entry("etc/nothing")
+    assert missing.value.errno == 2
+    with pytest.raises(GuestPathError) as not_folder:
+        fs.listdir("etc/fstab")
+    assert not_folder.value.errno == 20
+    with pytest.raises(GuestPathError) as folder:
+        fs.read("etc", 0, 10)
+    assert folder.value.errno == 21
+    with pytest.raises(GuestPathError):
+        fs.entry("etc/../etc")
+    with pytest.raises(GuestPathError):
+        files.resolve("vdz-part9/x")
+
+
+def test_change_tokens_prove_equal_content_between_points(
+    guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint],
+) -> None:
+    one, two = (open_point(point) for point in guest_disk_points)
+    fs1, fs2 = one.get("vda-part1"), two.get("vda-part1")
+    assert fs1.entry("etc/fstab").change_token == fs2.entry("etc/fstab").change_token
+    assert fs1.entry("etc/hostname").change_token != fs2.entry("etc/hostname").change_token
+
+
+def test_opening_is_lazy_and_damage_is_a_note(tmp_path: Path) -> None:
+    """A disk with a broken ext superblock behind a valid magic: found at once, noted when
+    opened, never an exception other than DamagedFilesystemError."""
+    image = tmp_path / "disk.raw"
+    with image.open("wb") as out:
+        out.truncate(8 << 20)
+        out.seek(1024 + 0x38)
+        out.write(b"\x53\xef")
+    files = GuestFiles.open({"vdc": RawFile(image)})
+    assert files.names() == ["vdc"]
+    with pytest.raises(DamagedFilesystemError):
+        files.get("vdc")
+    assert files.filesystems == {}
+    assert files.notes[0]["source"] == "vdc"
+    assert "damaged ext" in files.notes[0]["note"]
