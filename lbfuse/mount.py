@@ -137,15 +137,20 @@ class FuseAdapter(mfusepy.Operations):
             "st_ino": attrs.inode,
             "st_blocks": attrs.blocks,
             "st_blksize": 1 << 20,
-            "st_atime": attrs.time_ns,
+            "st_atime": attrs.time_ns if attrs.atime_ns is None else attrs.atime_ns,
             "st_mtime": attrs.time_ns,
-            "st_ctime": attrs.time_ns,
+            "st_ctime": attrs.time_ns if attrs.ctime_ns is None else attrs.ctime_ns,
         }
 
     @_translated
     def readdir(self, path: str, fh: int) -> Iterator[str]:
-        """The entries of the root folder, with . and .."""
+        """The entries of a folder, with . and .."""
         return iter([".", "..", *self.tree.listdir(path)])
+
+    @_translated
+    def readlink(self, path: str) -> str:
+        """A guest symlink's target, exactly as stored."""
+        return self.tree.readlink(path)
 
     @_translated
     def access(self, path: str, amode: int) -> int:

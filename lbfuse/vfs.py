@@ -7,6 +7,7 @@ folder:
     <disk>.raw            the whole disk, read through its chain view
     <disk>-part<N>.raw    the byte range of partition N (numbered as Linux does)
     vm.json               the restore point's metadata
+    files/<fs>/...        the guest's own files (lbfuse.guestvfs, lbguest), when asked for
 
 Files are 0o400 and the folder 0o500, owned by the mounting user; every time stamp is the restore
 point's creation time. Nothing ever changes, so every change request fails with EROFS.
@@ -15,6 +16,7 @@ point's creation time. Nothing ever changes, so every change request fails with 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -32,6 +34,9 @@ from lbfuse.errors import (
     SourceReadError,
     VfsError,
 )
+from lbfuse.guestvfs import FILES, GuestPathVfsError, GuestView, is_guest_path
+from lbguest.files import GuestFiles
+from lbguest.model import EntryKind
 from lbguest.partitions import read_partitions
 
 FILE_MODE = stat.S_IFREG | 0o400
@@ -76,6 +81,8 @@ class Attributes:
     time_ns: int
     nlink: int
     inode: int
+    atime_ns: int | None = None
+    ctime_ns: int | None = None
 
     @property
     def is_folder(self) -> bool:
@@ -105,6 +112,30 @@ class FileNode:
     cacheable: bool = False
 
 
+class LazyBytesSource:
+    """A small in-memory file whose bytes are made on first use (vm.json with guest notes)."""
+
+    def __init__(self, make: Callable[[], bytes]) -> None:
+        self._make = make
+        self._data: bytes | None = None
+        self._lock = threading.Lock()
+
+    def _bytes(self) -> bytes:
+        with self._lock:
+            if self._data is None:
+                self._data = bytes(self._make())
+            return self._data
+
+    @property
+    def size(self) -> int:
+        """Length of the data (made now if needed)."""
+        return len(self._bytes())
+
+    def read(self, offset: int, length: int) -> bytes:
+        """A slice of the data."""
+        return self._bytes()[offset : offset + length]
+
+
 class BytesSource:
     """A small in-memory file (vm.json), readable through the DiskSource protocol."""
 
@@ -129,10 +160,19 @@ class ReadOnlyTree:
     at once.
     """
 
-    def __init__(self, nodes: list[FileNode], *, uid: int, gid: int, time_ns: int) -> None:
+    def __init__(
+        self,
+        nodes: list[FileNode],
+        *,
+        uid: int,
+        gid: int,
+        time_ns: int,
+        guest: GuestFiles | None = None,
+    ) -> None:
         self._nodes = {node.name: node for node in nodes}
+        self._guest = GuestView(guest, uid=uid, gid=gid, time_ns=time_ns) if guest else None
         self._uid, self._gid, self._time_ns = uid, gid, time_ns
-        self._handles: dict[int, FileNode] = {}
+        self._handles: dict[int, FileNode | str] = {}
         self._next_handle = 1
         self._handles_lock = threading.Lock()
         self._source_locks: dict[int, threading.Lock | contextlib.nullcontext[None]] = {
@@ -142,28 +182,57 @@ class ReadOnlyTree:
     # -- lookups --------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        """The file names, sorted."""
-        return sorted(self._nodes)
+        """The names in the root folder, sorted."""
+        return sorted([*self._nodes, *([FILES] if self._guest else [])])
 
     def getattr(self, path: str) -> Attributes:
-        """The attributes of the root folder or of one file."""
+        """The attributes of the root folder, of one file, or of an entry under files/."""
         if path == ROOT:
             return Attributes(FOLDER_MODE, 0, self._uid, self._gid, self._time_ns, 2, 1)
+        if self._guest is not None and is_guest_path(path):
+            return self._guest_attributes(path)
         node = self._node(path)
         return Attributes(
-            FILE_MODE, node.length, self._uid, self._gid, self._time_ns, 1, node.inode
+            FILE_MODE, _length(node), self._uid, self._gid, self._time_ns, 1, node.inode
+        )
+
+    def _guest_attributes(self, path: str) -> Attributes:
+        assert self._guest is not None
+        entry = self._guest.entry(path)
+        if entry is None:
+            mode, uid, gid, time_ns, nlink = self._guest.folder_attributes()
+            return Attributes(mode, 0, uid, gid, time_ns, nlink, 0)
+        return Attributes(
+            entry.mode,
+            entry.size if entry.kind is not EntryKind.FOLDER else 0,
+            entry.uid,
+            entry.gid,
+            entry.mtime_ns,
+            max(1, entry.nlink),
+            entry.inode,
+            atime_ns=entry.atime_ns,
+            ctime_ns=entry.ctime_ns,
         )
 
     def listdir(self, path: str) -> list[str]:
-        """The names in a folder (only the root is one)."""
+        """The names in a folder: the root, files/ or a folder under it."""
+        if self._guest is not None and is_guest_path(path):
+            return self._guest.listdir(path)
         if path != ROOT:
             self._node(path)
             raise NotAFolderError(path)
         return self.names()
 
+    def readlink(self, path: str) -> str:
+        """A guest symlink's target as stored; anything else is EINVAL."""
+        if self._guest is not None and is_guest_path(path):
+            return self._guest.readlink(path)
+        self.getattr(path)
+        raise GuestPathVfsError(path, errno.EINVAL, "not a symlink")
+
     def _node(self, path: str) -> FileNode:
         """The file at `path`; folders and missing names raise the matching VfsError."""
-        if path == ROOT:
+        if path == ROOT or (self._guest is not None and path == "/" + FILES):
             raise IsAFolderError(path)
         name = path[1:] if path.startswith("/") else path
         node = self._nodes.get(name)
@@ -177,14 +246,21 @@ class ReadOnlyTree:
 
     def access(self, path: str, mode: int) -> None:
         """Refuse write access; the kernel checks the permission bits itself."""
-        if path != ROOT:
+        if self._guest is not None and is_guest_path(path):
+            self.getattr(path)
+        elif path != ROOT:
             self._node(path)
         if mode & os.W_OK:
             raise ReadOnlyError(path, "access for writing")
 
     def open(self, path: str, flags: int) -> int:
         """A handle for reading a file; any write-ish flag is refused with EROFS."""
-        node = self._node(path)
+        node: FileNode | str
+        if self._guest is not None and is_guest_path(path):
+            self._guest.file_entry(path)
+            node = path
+        else:
+            node = self._node(path)
         if flags & WRITE_FLAGS:
             raise ReadOnlyError(path, "open for writing")
         with self._handles_lock:
@@ -194,7 +270,10 @@ class ReadOnlyTree:
         return handle
 
     def cacheable(self, path: str) -> bool:
-        """Whether the kernel should cache the file's pages (see FileNode)."""
+        """Whether the kernel should cache the file's pages (see FileNode); guest files may
+        (nothing changes), the adapter still streams large ones past the cache."""
+        if self._guest is not None and is_guest_path(path):
+            return True
         return self._node(path).cacheable
 
     def release(self, handle: int) -> None:
@@ -207,7 +286,15 @@ class ReadOnlyTree:
         node = self._handles.get(handle)
         if node is None:
             raise BadHandleError(handle)
+        if isinstance(node, str):
+            return self._read_guest(node, offset, length)
         return self._read_node(node, offset, length)
+
+    def _read_guest(self, path: str, offset: int, length: int) -> bytes:
+        assert self._guest is not None
+        if offset < 0 or length < 0:
+            raise VfsError(path, "negative offset or length")
+        return self._guest.read(path, offset, length)
 
     def read_into(self, handle: int, offset: int, dest: memoryview) -> int:
         """Fill `dest` (garbage on entry) from `offset` of an open file; bytes filled.
@@ -217,9 +304,13 @@ class ReadOnlyTree:
         node = self._handles.get(handle)
         if node is None:
             raise BadHandleError(handle)
+        if isinstance(node, str):
+            data = self._read_guest(node, offset, len(dest))
+            dest[: len(data)] = data
+            return len(data)
         if offset < 0:
             raise VfsError(node.name, "negative offset")
-        length = max(0, min(len(dest), node.length - offset))
+        length = max(0, min(len(dest), _length(node) - offset))
         if length == 0:
             return 0
         readinto = getattr(node.source, "readinto", None)
@@ -237,13 +328,16 @@ class ReadOnlyTree:
 
     def read_path(self, path: str, offset: int, length: int) -> bytes:
         """Like `read`, by path (for tests and callers without a handle)."""
+        if self._guest is not None and is_guest_path(path):
+            self._guest.file_entry(path)
+            return self._read_guest(path, offset, length)
         return self._read_node(self._node(path), offset, length)
 
     def _read_node(self, node: FileNode, offset: int, length: int) -> bytes:
         """Clamp to the file, then read its bytes from the source in one call."""
         if offset < 0 or length < 0:
             raise VfsError(node.name, "negative offset or length")
-        length = min(length, node.length - offset)
+        length = min(length, _length(node) - offset)
         if length <= 0:
             return b""
         try:
@@ -259,7 +353,7 @@ class ReadOnlyTree:
 
     def statfs(self) -> dict[str, int]:
         """Filesystem totals: all bytes used, none free, names up to NAME_MAX."""
-        total = sum(node.length for node in self._nodes.values())
+        total = sum(_length(node) for node in self._nodes.values())
         return {
             "f_bsize": BLOCK_SIZE,
             "f_frsize": BLOCK_SIZE,
@@ -274,15 +368,17 @@ class ReadOnlyTree:
 
     def refuse(self, path: str, operation: str) -> None:
         """Every change request ends here: EROFS, but ENOENT first for a name that is not there."""
-        if path not in (ROOT, "") and operation not in (
-            "create",
-            "link",
-            "mkdir",
-            "mknod",
-            "symlink",
-        ):
-            self._node(path)
+        if path not in (ROOT, "") and operation not in NEW_NAME_OPERATIONS:
+            if self._guest is not None and is_guest_path(path):
+                self.getattr(path)
+            else:
+                self._node(path)
         raise ReadOnlyError(path, operation)
+
+
+def _length(node: FileNode) -> int:
+    """A file's length; -1 in a FileNode means "the source's size" (made on first use)."""
+    return node.length if node.length >= 0 else node.source.size
 
 
 def _lock_for(source: DiskSource) -> threading.Lock | contextlib.nullcontext[None]:
@@ -292,17 +388,21 @@ def _lock_for(source: DiskSource) -> threading.Lock | contextlib.nullcontext[Non
 
 def build_restore_point_tree(
     disks: Mapping[str, DiskSource],
-    vm_json: bytes,
+    vm_json: bytes | Callable[[], bytes],
     created: datetime,
     *,
     uid: int,
     gid: int,
     partitions: bool = True,
     cache_disks: bool = True,
+    guest: GuestFiles | None = None,
 ) -> ReadOnlyTree:
-    """The folder of one restore point: each disk, each of its partitions, and vm.json.
+    """The folder of one restore point: each disk, each of its partitions, vm.json, and with
+    `guest` the files/ folder of the guest's filesystems.
 
     `cache_disks` marks disk and partition files cacheable (see FileNode); vm.json always is.
+    `vm_json` may be a function: then it is called on first use of vm.json (its guest notes
+    need the filesystems opened, which must not happen at mount time).
     """
     nodes: list[FileNode] = []
     inode = _counter(2)
@@ -318,9 +418,13 @@ def build_restore_point_tree(
             if name in taken:  # a disk really named like this partition keeps the name
                 continue
             nodes.append(FileNode(name, source, part.start, part.length, inode(), cache_disks))
-    meta = BytesSource(vm_json)
-    nodes.append(FileNode("vm.json", meta, 0, meta.size, inode(), cacheable=True))
-    return ReadOnlyTree(nodes, uid=uid, gid=gid, time_ns=_epoch_ns(created))
+    if callable(vm_json):
+        lazy = LazyBytesSource(vm_json)
+        nodes.append(FileNode("vm.json", lazy, 0, -1, inode(), cacheable=True))
+    else:
+        meta = BytesSource(vm_json)
+        nodes.append(FileNode("vm.json", meta, 0, meta.size, inode(), cacheable=True))
+    return ReadOnlyTree(nodes, uid=uid, gid=gid, time_ns=_epoch_ns(created), guest=guest)
 
 
 def _epoch_ns(moment: datetime) -> int:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lbfuse import mountpoints, server
 from lbfuse.vfs import ReadOnlyTree, build_restore_point_tree
+from lbguest.files import GuestFiles
 
 if TYPE_CHECKING:
     from lbstore.model import RestorePoint
@@ -112,6 +113,10 @@ def open_point_tree(
 ) -> ReadOnlyTree:
     """Open views of every disk of `point` (closed by `stack`) and build the mounted tree.
 
+    The guest's filesystems are found (partition tables and magics only) but parsed on first
+    use of files/ or vm.json, whose "guest_files" says what each one is, its journal sentence,
+    and what was left out and why.
+
     With `verify` (the default) every read is checked against the index (lbstore.integrity:
     the clusters each file maps, and each cluster's digest): a damaged cluster reads as EIO,
     is logged and recorded in the store's events, instead of returning wrong bytes.
@@ -129,7 +134,12 @@ def open_point_tree(
         for view in views:
             stack.callback(view.close)
         sources[disk.name] = ViewSource(views)
-    vm_json = json.dumps(point_metadata(point), indent=2).encode() + b"\n"
+    guest = GuestFiles.open(sources)
+
+    def vm_json() -> bytes:
+        meta = {**point_metadata(point), "guest_files": guest.summary()}
+        return json.dumps(meta, indent=2).encode() + b"\n"
+
     return build_restore_point_tree(
         sources,
         vm_json,
@@ -137,6 +147,7 @@ def open_point_tree(
         uid=os.getuid(),
         gid=os.getgid(),
         cache_disks=cache_disks,
+        guest=guest,
     )
 
 

@@ -264,7 +264,7 @@ def _read_uncached(path: Path) -> bytes:
 def test_disks_and_partitions_equal_the_images(chain: Fixture, sandbox: Path, depth: int) -> None:
     point = chain.points[depth - 1]
     mountpoint = _mount(chain, sandbox, point, "mnt")
-    expected_names = {"vm.json"}
+    expected_names = {"vm.json", "files"}
     for disk, image in point.images.items():
         expected_names.add(f"{disk}.raw")
         _cmp(mountpoint / f"{disk}.raw", image)
@@ -292,7 +292,9 @@ def test_metadata_owner_modes_and_times(chain: Fixture, sandbox: Path) -> None:
     assert "definition" in meta
     root = mountpoint.stat()
     assert stat.S_IMODE(root.st_mode) == 0o500 and stat.S_ISDIR(root.st_mode)
-    for name in os.listdir(mountpoint):
+    files = (mountpoint / "files").stat()
+    assert stat.S_IMODE(files.st_mode) == 0o500 and stat.S_ISDIR(files.st_mode)
+    for name in set(os.listdir(mountpoint)) - {"files"}:
         st = (mountpoint / name).stat()
         assert stat.S_IMODE(st.st_mode) == 0o400 and stat.S_ISREG(st.st_mode)
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())

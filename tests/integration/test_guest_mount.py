@@ -1,0 +1,182 @@
+"""files/ of a mounted restore point: the guest's own files, byte-exact, for every filesystem.
+
+Two points of one VM are imported with `lbrestore import` from the fixture disks
+(tests/fixtures/guest_disks.py: ext2/3/4, XFS, FAT16/32, and as root NTFS, exFAT and an LVM2
+volume; version 2 with changed, added and deleted files). Each is mounted through the CLI (real
+FUSE); every file's bytes, every symlink's target and the modes must equal the source tree,
+through the mount and through lbguest.GuestFiles over the store's views.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fixtures.guest_disks import GuestDiskPoint, GuestFs, expected_tree
+
+from lbguest.files import GuestFiles
+from lbguest.model import EntryKind, GuestFilesystem
+from lbstore.store import Store
+
+
+@dataclass
+class ImportedPoints:
+    store: Path
+    points: list[tuple[int, GuestDiskPoint]]  # (restore point id, what it holds)
+
+
+def _lbrestore(store: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lbrestore", "--store", str(store), *map(str, args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="module")
+def imported(
+    tmp_path_factory: pytest.TempPathFactory,
+    guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint],
+) -> ImportedPoints:
+    store = tmp_path_factory.mktemp("guest-store") / "store"
+    assert _lbrestore(store, "init").returncode == 0
+    points = []
+    for hour, point in enumerate(guest_disk_points, start=1):
+        disks = [arg for name, path in point.disks.items() for arg in ("--disk", f"{name}={path}")]
+        done = _lbrestore(store, "import", "vm1", *disks, "--at", f"2026-01-01T0{hour}:00:00")
+        assert done.returncode == 0, done.stderr
+    listed = json.loads(_lbrestore(store, "list", "vm1", "--json").stdout)
+    ids = sorted(entry["id"] for entry in listed)
+    points = list(zip(ids, guest_disk_points, strict=True))
+    return ImportedPoints(store, points)
+
+
+@pytest.fixture
+def mounted(imported: ImportedPoints, tmp_path: Path) -> Iterator[list[Path]]:
+    mountpoints = []
+    try:
+        for point_id, _point in imported.points:
+            mountpoint = tmp_path / f"mnt{point_id}"
+            mountpoint.mkdir()
+            done = _lbrestore(imported.store, "mount", f"vm1@#{point_id}", mountpoint)
+            assert done.returncode == 0, done.stderr
+            mountpoints.append(mountpoint)
+        yield mountpoints
+    finally:
+        for mountpoint in mountpoints:
+            _lbrestore(imported.store, "umount", mountpoint)
+
+
+def _walk_mount(root: Path) -> dict[str, os.stat_result]:
+    found = {"": root.lstat()}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            found[path.relative_to(root).as_posix()] = path.lstat()
+    return found
+
+
+def _assert_mount_matches(root: Path, case: GuestFs, source: Path) -> None:
+    expected = expected_tree(source, case)
+    got = _walk_mount(root)
+    assert sorted(got) == sorted(expected), case.folder
+    for rel, want in expected.items():
+        info = got[rel]
+        path = root / rel
+        kinds = {"file": stat.S_ISREG, "folder": stat.S_ISDIR, "symlink": stat.S_ISLNK}
+        assert kinds[want.kind](info.st_mode), (case.folder, rel)
+        if want.kind == "file":
+            assert path.read_bytes() == want.data, (case.folder, rel)
+            assert info.st_size == len(want.data or b"")
+        if want.kind == "symlink":
+            assert os.readlink(path) == want.target, (case.folder, rel)
+        if case.modes and rel:
+            assert stat.S_IMODE(info.st_mode) == want.mode, (case.folder, rel)
+        if case.owners:
+            src = (source / rel).lstat() if rel and (source / rel).exists() else None
+            if src is not None:
+                assert (info.st_uid, info.st_gid) == (src.st_uid, src.st_gid)
+
+
+def test_files_of_both_points_equal_their_source_trees(
+    imported: ImportedPoints, mounted: list[Path]
+) -> None:
+    for (point_id, point), mountpoint in zip(imported.points, mounted, strict=True):
+        files = mountpoint / "files"
+        assert sorted(os.listdir(files)) == sorted(case.folder for case in point.filesystems)
+        for case in point.filesystems:
+            _assert_mount_matches(files / case.folder, case, point.source)
+        meta = json.loads((mountpoint / "vm.json").read_text())
+        assert meta["id"] == point_id
+        summary = meta["guest_files"]
+        assert {(fs["name"], fs["type"]) for fs in summary["filesystems"]} == {
+            (case.folder, case.fs_type) for case in point.filesystems
+        }
+        assert {note["source"] for note in summary["notes"]} == set(point.blank)
+        assert all(fs["journal"] for fs in summary["filesystems"])
+
+
+def test_the_mount_is_read_only(mounted: list[Path]) -> None:
+    target = mounted[0] / "files" / "vda-part1"
+    for attempt in (
+        lambda: (target / "new.txt").write_text("x"),
+        lambda: (target / "etc/fstab").write_text("x"),
+        lambda: (target / "etc/fstab").unlink(),
+        lambda: (target / "newdir").mkdir(),
+        lambda: os.symlink("x", target / "link"),
+        lambda: os.chmod(target / "etc/fstab", 0o777),
+    ):
+        with pytest.raises(OSError) as refused:
+            attempt()
+        assert refused.value.errno in (30, 13)  # EROFS (EACCES where the kernel checks first)
+
+
+class ViewSource:
+    """A ByteSource over a store chain view."""
+
+    def __init__(self, view: object) -> None:
+        self._view = view
+        self.size = view.virtual_size  # type: ignore[attr-defined]
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._view.read(offset, length)  # type: ignore[attr-defined, no-any-return]
+
+
+def _walk_guest(fs: GuestFilesystem, path: str = "") -> Iterator[tuple[str, object]]:
+    yield path, fs.entry(path)
+    for entry in fs.listdir(path):
+        child = f"{path}/{entry.name}" if path else entry.name
+        if entry.kind is EntryKind.FOLDER:
+            yield from _walk_guest(fs, child)
+        else:
+            yield child, entry
+
+
+def test_guest_files_over_store_views(imported: ImportedPoints) -> None:
+    with Store.open(imported.store) as store:
+        for point_id, point in imported.points:
+            stored = store.point(point_id)
+            views = {disk.name: store.view(stored, disk.name) for disk in stored.disks}
+            try:
+                files = GuestFiles.open({name: ViewSource(v) for name, v in views.items()})
+                for case in point.filesystems:
+                    fs = files.filesystems[case.folder]
+                    expected = expected_tree(point.source, case)
+                    got = dict(_walk_guest(fs))
+                    assert sorted(got) == sorted(expected)
+                    for rel, want in expected.items():
+                        if want.kind == "file":
+                            assert fs.read(rel, 0, 1 << 30) == want.data, (case.folder, rel)
+                        if want.kind == "symlink":
+                            assert got[rel].symlink_target == want.target  # type: ignore[attr-defined]
+            finally:
+                for view in views.values():
+                    view.close()
