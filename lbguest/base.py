@@ -190,7 +190,10 @@ class TreeFilesystem(Generic[Node]):
         parts = split_path(path)
         if not parts:
             root = self._root()
-            return self._entry("", root), root
+            entry = self._entry("", root)
+            if entry.kind is not EntryKind.FOLDER:
+                raise DamagedFilesystemError(self.name, "the root is not a folder")
+            return entry, root
         parent = "/".join(parts[:-1])
         if parts[:-1]:
             entry, _ = self._lookup(parent)
@@ -234,6 +237,8 @@ class TreeFilesystem(Generic[Node]):
             runs = self._runs[key]
         else:
             runs = self._file_runs(node, entry)
+            if runs is not None and any(length <= 0 for _where, length in runs):
+                raise DamagedFilesystemError(self.name, f"{path}: a data run of no length")
             self._runs.put(key, runs)
         return entry, node, runs
 
@@ -245,7 +250,10 @@ class TreeFilesystem(Generic[Node]):
         if offset >= end:
             return b""
         if runs is None:
-            return self._read_other(node, entry, offset, end - offset)
+            data = self._read_other(node, entry, offset, end - offset)[: end - offset]
+            if len(data) != end - offset:
+                raise DamagedFilesystemError(self.name, f"{path}: data shorter than its size")
+            return data
         pieces: list[bytes] = []
         position = 0
         for where, run_length in runs:
@@ -266,4 +274,7 @@ class TreeFilesystem(Generic[Node]):
                 break
         if position < end:  # runs shorter than the size: the rest reads as zeros (a hole)
             pieces.append(bytes(end - max(position, offset)))
-        return b"".join(pieces)
+        data = b"".join(pieces)
+        if len(data) != end - offset:
+            raise DamagedFilesystemError(self.name, f"{path}: data runs do not add up")
+        return data

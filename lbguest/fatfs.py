@@ -208,7 +208,12 @@ class ExfatFilesystem(TreeFilesystem[Any]):
     def __init__(self, name: str, source: ByteSource, budget: ReadBudget) -> None:
         stream = SourceStream(source, budget)
         with budget.limit(1 << 28):
-            self.fs = _BoundedExFAT(stream)
+            try:
+                self.fs = _BoundedExFAT(stream)
+            except (AttributeError, TypeError) as exc:
+                # dissect's exFAT parser dereferences the volume label, bitmap and upcase
+                # entries of the root folder without checking that they were found
+                raise DamagedFilesystemError(name, f"damaged exFAT root folder: {exc}") from exc
         super().__init__(name, stream, budget)
         self.journal = "no journal (exFAT)"
         self._root_node = self.fs.files["/"]
