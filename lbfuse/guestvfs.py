@@ -101,6 +101,18 @@ class GuestView:
             raise GuestPathVfsError(path, errno_codes.EINVAL, "not a regular file")
         return entry
 
+    def read_into(self, path: str, offset: int, dest: memoryview) -> int:
+        """Fill `dest` from a regular file (zero-copy where the filesystem can); bytes filled."""
+        name, inner = self.split(path)
+        with vfs_errors(path):
+            fs = self.files.get(name)
+            read_into = getattr(fs, "read_into", None)
+            if read_into is not None:
+                return int(read_into(inner, offset, dest))
+            data = fs.read(inner, offset, len(dest))
+        dest[: len(data)] = data
+        return len(data)
+
     def read(self, path: str, offset: int, length: int) -> bytes:
         """Bytes of a regular file (short only at its end)."""
         name, inner = self.split(path)

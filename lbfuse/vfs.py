@@ -305,9 +305,10 @@ class ReadOnlyTree:
         if node is None:
             raise BadHandleError(handle)
         if isinstance(node, str):
-            data = self._read_guest(node, offset, len(dest))
-            dest[: len(data)] = data
-            return len(data)
+            assert self._guest is not None
+            if offset < 0:
+                raise VfsError(node, "negative offset")
+            return self._guest.read_into(node, offset, dest)
         if offset < 0:
             raise VfsError(node.name, "negative offset")
         length = max(0, min(len(dest), _length(node) - offset))

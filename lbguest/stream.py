@@ -62,7 +62,25 @@ def read_source(source: ByteSource, offset: int, length: int, name: str) -> byte
     if length == 0:
         return b""
     try:
-        return bytes(source.read(offset, length))
+        data = source.read(offset, length)
+    except (StoreError, OSError, EOFError) as exc:
+        raise SourceUnreadableError(name, exc) from exc
+    return data if type(data) is bytes else bytes(data)
+
+
+def readinto_source(source: ByteSource, offset: int, dest: memoryview, name: str) -> int:
+    """Fill `dest` from `source` at `offset` (clipped to its end; straight into the buffer when
+    the source can); bytes filled. Read failures become SourceUnreadableError."""
+    length = max(0, min(len(dest), source.size - offset))
+    if length == 0:
+        return 0
+    readinto = getattr(source, "readinto", None)
+    if readinto is None:
+        data = read_source(source, offset, length, name)
+        dest[: len(data)] = data
+        return len(data)
+    try:
+        return int(readinto(offset, dest[:length]))
     except (StoreError, OSError, EOFError) as exc:
         raise SourceUnreadableError(name, exc) from exc
 
@@ -79,6 +97,13 @@ class SubSource:
         """Bytes of the range (clipped to it)."""
         length = max(0, min(length, self.size - offset))
         return self._source.read(self._start + offset, length) if length else b""
+
+    def readinto(self, offset: int, dest: memoryview) -> int:
+        """Fill `dest` from the range at `offset` (clipped to it); bytes filled."""
+        length = max(0, min(len(dest), self.size - offset))
+        if length == 0:
+            return 0
+        return readinto_source(self._source, self._start + offset, dest[:length], "range")
 
 
 class StreamSource:
@@ -143,6 +168,15 @@ class SourceStream(io.RawIOBase):
 
     def readall(self) -> bytes:
         return self.read(-1)
+
+    def preadinto(self, offset: int, dest: memoryview) -> int:
+        """Fill `dest` with the bytes at `offset` (short at the end), overlay included."""
+        if self._overlay:
+            data = self.pread(offset, len(dest))
+            dest[: len(data)] = data
+            return len(data)
+        self._budget.charge(len(dest))
+        return readinto_source(self._source, offset, dest, self._budget.name)
 
     def pread(self, offset: int, length: int) -> bytes:
         """Bytes at `offset` (short at the end), with overlay blocks in place."""

@@ -180,3 +180,94 @@ def test_guest_files_over_store_views(imported: ImportedPoints) -> None:
             finally:
                 for view in views.values():
                     view.close()
+
+
+def _debugfs(image: Path, command: str, *, write: bool = False) -> str:
+    args = ["debugfs", *(["-w"] if write else []), "-R", command, str(image)]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _partition_range(disk: Path, number: int) -> tuple[int, int]:
+    table = json.loads(
+        subprocess.run(["sfdisk", "-J", str(disk)], capture_output=True, text=True).stdout
+    )
+    part = table["partitiontable"]["partitions"][number - 1]
+    return part["start"] * 512, part["size"] * 512
+
+
+def _splice(disk: Path, offset: int, image: Path) -> None:
+    with disk.open("r+b") as out:
+        out.seek(offset)
+        out.write(image.read_bytes())
+
+
+def test_damage_answers_eio_and_leaves_the_mount_serving(
+    guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint], tmp_path: Path
+) -> None:
+    """vdb-part1 (ext2) gets a broken superblock, vdb-part2 (ext3) a block pointer of big.bin
+    outside the volume, and one stored cluster under vdb-part2's etc/fstab is corrupted in the
+    store: the mount serves vdb.raw exactly, leaves part1 out with a note, answers EIO for
+    exactly those two files and serves every other file."""
+    disk = tmp_path / "vdb.raw"
+    subprocess.run(
+        ["cp", "--sparse=always", str(guest_disk_points[0].disks["vdb"]), str(disk)], check=True
+    )
+    start1, _ = _partition_range(disk, 1)
+    with disk.open("r+b") as out:
+        out.seek(start1 + 1024)  # s_inodes_count = 0
+        out.write(bytes(4))
+    start2, length2 = _partition_range(disk, 2)
+    part2 = tmp_path / "part2.img"
+    with disk.open("rb") as src:
+        src.seek(start2)
+        part2.write_bytes(src.read(length2))
+    _debugfs(part2, "sif /big.bin block[0] 4000000000", write=True)
+    fstab_block = int(_debugfs(part2, "bmap /etc/fstab 0").split()[-1])
+    _splice(disk, start2, part2)
+
+    store = tmp_path / "store"
+    assert _lbrestore(store, "init").returncode == 0
+    done = _lbrestore(store, "import", "vm2", "--disk", f"vdb={disk}")
+    assert done.returncode == 0, done.stderr
+    with Store.open(store) as opened:
+        point = opened.resolve("vm2@latest")
+        stored = opened.file_path(point, "vdb")
+    mapping = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(stored)], capture_output=True, text=True
+        ).stdout
+    )
+    guest_offset = start2 + fstab_block * 4096
+    extent = next(e for e in mapping if e["start"] <= guest_offset < e["start"] + e["length"])
+    assert extent["data"]
+    with stored.open("r+b") as out:
+        out.seek(extent["offset"] + guest_offset - extent["start"])
+        out.write(b"DAMAGED!")
+
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    done = _lbrestore(store, "mount", "vm2@latest", mountpoint)
+    assert done.returncode == 0, done.stderr
+    try:
+        names = sorted(os.listdir(mountpoint / "files"))
+        assert "vdb-part1" not in names and {"vdb-part2", "vdb-part3"} <= set(names)
+        part = mountpoint / "files" / "vdb-part2"
+        for broken in ("big.bin", "etc/fstab"):
+            with pytest.raises(OSError) as failed:
+                (part / broken).read_bytes()
+            assert failed.value.errno == 5, broken  # EIO
+        source = guest_disk_points[0].source  # (small files next to fstab share its cluster)
+        assert (part / "sparse.img").read_bytes() == (source / "sparse.img").read_bytes()
+        assert {"big.bin", "etc", "sparse.img"} <= set(os.listdir(part))
+        assert os.readlink(part / "links/relative") == "../etc/fstab"
+        notes = json.loads((mountpoint / "vm.json").read_text())["guest_files"]["notes"]
+        assert any(n["source"] == "vdb-part1" and "damaged ext" in n["note"] for n in notes)
+        assert os.path.ismount(mountpoint)
+        # the raw disk is served as stored, apart from the cluster damaged in the store
+        with (mountpoint / "vdb.raw").open("rb") as raw:
+            raw.seek(start1)
+            assert raw.read(1 << 20) == disk.read_bytes()[start1 : start1 + (1 << 20)]
+    finally:
+        _lbrestore(store, "umount", mountpoint)
