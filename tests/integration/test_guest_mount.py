@@ -271,3 +271,34 @@ def test_damage_answers_eio_and_leaves_the_mount_serving(
             assert raw.read(1 << 20) == disk.read_bytes()[start1 : start1 + (1 << 20)]
     finally:
         _lbrestore(store, "umount", mountpoint)
+
+
+def test_a_one_tib_disk_mounts_without_parsing_its_filesystems(tmp_path: Path) -> None:
+    """Mounting reads partition tables and magics only: a 1 TiB disk (GPT: a small ext4 and a
+    1 TiB blank partition) mounts, its files/ opens the ext4 on first use, and vm.json notes the
+    blank partition."""
+    disk = tmp_path / "big.raw"
+    with disk.open("wb") as out:
+        out.truncate(1 << 40)
+    layout = "label: gpt\nstart=2048, size=1048576\nsize=+\n"
+    subprocess.run(["sfdisk", "-q", str(disk)], input=layout, text=True, check=True)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "x.txt").write_text("hello\n")
+    mkfs = ["mkfs.ext4", "-q", "-F", "-E", "offset=1048576", "-d", str(source), str(disk), "131072"]
+    subprocess.run(mkfs, check=True, capture_output=True)
+    store = tmp_path / "store"
+    assert _lbrestore(store, "init").returncode == 0
+    assert _lbrestore(store, "import", "big", "--disk", f"vda={disk}").returncode == 0
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    done = _lbrestore(store, "mount", "big@latest", mountpoint)
+    assert done.returncode == 0, done.stderr
+    try:
+        assert (mountpoint / "vda-part2.raw").stat().st_size > (1 << 40) - (1 << 30)
+        assert (mountpoint / "files/vda-part1/x.txt").read_text() == "hello\n"
+        assert os.listdir(mountpoint / "files") == ["vda-part1"]
+        notes = json.loads((mountpoint / "vm.json").read_text())["guest_files"]["notes"]
+        assert notes == [{"source": "vda-part2", "note": "unrecognized filesystem"}]
+    finally:
+        _lbrestore(store, "umount", mountpoint)

@@ -149,3 +149,28 @@ def test_opening_is_lazy_and_damage_is_a_note(tmp_path: Path) -> None:
     assert files.filesystems == {}
     assert files.notes[0]["source"] == "vdc"
     assert "damaged ext" in files.notes[0]["note"]
+
+
+class CountingSource:
+    """A 1 TiB disk: the bytes of a small image at its start, zeros after; counts reads."""
+
+    def __init__(self, head: Path) -> None:
+        self._head = RawFile(head)
+        self.size = 1 << 40
+        self.bytes_read = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.bytes_read += length
+        data = self._head.read(offset, length) if offset < self._head.size else b""
+        return data + bytes(length - len(data))
+
+
+def test_finding_filesystems_reads_only_tables_and_magics(
+    guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint],
+) -> None:
+    source = CountingSource(guest_disk_points[0].disks["vda"])
+    files = GuestFiles.open({"vda": source})
+    assert "vda-part1" in files.names()
+    assert source.bytes_read < 256 * 1024
+    files.get("vda-part1").listdir("")
+    assert "vda-part2" not in [fs.name for fs in files._opened.values()]
