@@ -174,3 +174,32 @@ def test_finding_filesystems_reads_only_tables_and_magics(
     assert source.bytes_read < 256 * 1024
     files.get("vda-part1").listdir("")
     assert "vda-part2" not in [fs.name for fs in files._opened.values()]
+
+
+def test_times_as_stored(guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint]) -> None:
+    """mkfs.ext4 -d copies each file's mtime in whole seconds (what it stores is shown)."""
+    point = guest_disk_points[0]
+    fs = open_point(point).get("vdb-part1")
+    for rel in ("big.bin", "etc/fstab", "bin/suid"):
+        stored = (point.source / rel).stat().st_mtime_ns // 10**9 * 10**9
+        assert fs.entry(rel).mtime_ns == stored
+
+
+def test_fat12(tmp_path: Path) -> None:
+    import subprocess
+
+    image = tmp_path / "fat12.img"
+    with image.open("wb") as out:
+        out.truncate(2 << 20)
+    subprocess.run(["mkfs.fat", "-F", "12", str(image)], check=True, capture_output=True)
+    data = os.urandom(70_000)
+    (tmp_path / "Data File.bin").write_bytes(data)
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    subprocess.run(
+        ["mcopy", "-i", str(image), str(tmp_path / "Data File.bin"), "::/"], check=True, env=env
+    )
+    fs = GuestFiles.open({"fd0": RawFile(image)}).get("fd0")
+    assert fs.fs_type == "fat12"
+    assert [entry.name for entry in fs.listdir("")] == ["Data File.bin"]
+    assert fs.read("Data File.bin", 0, 100_000) == data
+    assert fs.entry("Data File.bin").mode == stat.S_IFREG | 0o644
