@@ -92,9 +92,18 @@ class ExtFilesystem(TreeFilesystem[INode]):
         if not stat.S_ISDIR(node.inode.i_mode):
             return
         size = node.size
-        data = self._read_runs(self._runs_of(node, size), size)
+        if node.inode.i_flags & INLINE_DATA_FL:
+            # inline folder: the parent's inode number, then entries in i_block and system.data
+            i_block = bytes(node.inode.i_block)
+            regions = [i_block[4:], self._inline_xattr(node)]
+        else:
+            regions = [self._read_runs(self._runs_of(node, size), size)]
+        for region in regions:
+            yield from self._dirents(region, min(self.block_size, len(region)) or 1)
+
+    def _dirents(self, data: bytes, block: int) -> Iterator[tuple[str, INode]]:
+        """(name, inode) of the folder entries in `data`, records never crossing `block`."""
         inodes_count = self.fs.sb.s_inodes_count
-        block = self.block_size
         offset = 0
         while offset + DIRENT.size <= len(data):
             inum, rec_len, name_len, file_type = DIRENT.unpack_from(data, offset)
@@ -108,6 +117,13 @@ class ExtFilesystem(TreeFilesystem[INode]):
                 raw = data[offset + DIRENT.size : offset + DIRENT.size + name_len]
                 yield raw.decode("utf-8", "surrogateescape"), self.fs.get_inode(inum)
             offset += rec_len
+
+    def _inline_xattr(self, node: INode) -> bytes:
+        """The part of inline data beyond i_block: the `system.data` extended attribute."""
+        for attribute in node.xattr:
+            if attribute.name == "system.data":
+                return bytes(attribute.value)
+        return b""
 
     def _entry(self, name: str, node: INode) -> GuestEntry:
         raw = node.inode
@@ -136,14 +152,24 @@ class ExtFilesystem(TreeFilesystem[INode]):
             change_token=(node.inum, raw.i_generation, ctime, mtime, size),
         )
 
-    def _file_runs(self, node: INode, entry: GuestEntry) -> list[Run]:
+    def _file_runs(self, node: INode, entry: GuestEntry) -> list[Run] | None:
+        if node.inode.i_flags & INLINE_DATA_FL:
+            return None  # the bytes are in the inode: _read_other
         return self._runs_of(node, entry.size)
+
+    def _read_other(self, node: INode, entry: GuestEntry, offset: int, length: int) -> bytes:
+        data = bytes(node.inode.i_block) + self._inline_xattr(node)
+        if len(data) < entry.size:
+            raise DamagedFilesystemError(self.name, f"inode {node.inum}: inline data too short")
+        return data[offset : min(offset + length, entry.size)]
 
     # -- block maps --------------------------------------------------------------------------
 
     def _symlink(self, node: INode, size: int) -> str:
         raw = node.inode
-        if (size < I_BLOCK_SIZE and not raw.i_flags & EXTENTS_FL) or raw.i_flags & INLINE_DATA_FL:
+        if raw.i_flags & INLINE_DATA_FL:
+            data = (bytes(raw.i_block) + self._inline_xattr(node))[:size]
+        elif size < I_BLOCK_SIZE and not raw.i_flags & EXTENTS_FL:
             data = bytes(raw.i_block)[:size]
         else:
             data = self._read_runs(self._runs_of(node, size), size)
@@ -161,7 +187,7 @@ class ExtFilesystem(TreeFilesystem[INode]):
         block = self.block_size
         blocks = (size + block - 1) // block
         if raw.i_flags & INLINE_DATA_FL:
-            raise DamagedFilesystemError(self.name, f"inode {node.inum}: inline data not supported")
+            raise DamagedFilesystemError(self.name, f"inode {node.inum}: inline data has no blocks")
         if raw.i_flags & EXTENTS_FL:
             mapped = self._extent_runs(bytes(raw.i_block), MAX_EXTENT_DEPTH + 1, node.inum)
         else:

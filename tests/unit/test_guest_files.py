@@ -203,3 +203,45 @@ def test_fat12(tmp_path: Path) -> None:
     assert [entry.name for entry in fs.listdir("")] == ["Data File.bin"]
     assert fs.read("Data File.bin", 0, 100_000) == data
     assert fs.entry("Data File.bin").mode == stat.S_IFREG | 0o644
+
+
+def test_ext4_inline_data(tmp_path: Path) -> None:
+    """Small files and folders kept inside their inodes (inline_data) read like any other."""
+    import subprocess
+
+    source = tmp_path / "src"
+    (source / "dir" / "sub").mkdir(parents=True)
+    files = {
+        "tiny.txt": b"tiny\n",
+        "dir/fifty.txt": b"5" * 50,
+        "dir/hundred.txt": b"h" * 100,  # past i_block: the rest in system.data
+        "dir/sub/big.bin": os.urandom(9000),  # too big to be inline
+    }
+    for rel, data in files.items():
+        (source / rel).write_bytes(data)
+    os.symlink("t" * 80, source / "dir" / "longlink")
+    image = tmp_path / "inline.img"
+    with image.open("wb") as out:
+        out.truncate(16 << 20)
+    mkfs = [
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-O",
+        "inline_data",
+        "-I",
+        "256",
+        "-d",
+        str(source),
+        str(image),
+    ]
+    subprocess.run(mkfs, check=True, capture_output=True)
+    flags = subprocess.run(
+        ["debugfs", "-R", "stat /dir/hundred.txt", str(image)], capture_output=True, text=True
+    ).stdout
+    assert "Size of inline data" in flags  # the case under test really is inline
+    fs = GuestFiles.open({"disk": RawFile(image)}).get("disk")
+    for rel, data in files.items():
+        assert fs.read(rel, 0, 1 << 20) == data, rel
+    assert [e.name for e in fs.listdir("dir")] == ["fifty.txt", "hundred.txt", "longlink", "sub"]
+    assert fs.entry("dir/longlink").symlink_target == "t" * 80
