@@ -70,10 +70,29 @@ def read_source(source: ByteSource, offset: int, length: int, name: str) -> byte
 
 def readinto_source(source: ByteSource, offset: int, dest: memoryview, name: str) -> int:
     """Fill `dest` from `source` at `offset` (clipped to its end; straight into the buffer when
-    the source can); bytes filled. Read failures become SourceUnreadableError."""
+    the source can); bytes filled. Read failures become SourceUnreadableError.
+
+    A source with an `alignment` (a chain view: its cluster size) reads whole aligned clusters
+    straight into the buffer but bounces partial ones through a scratch buffer, so a long read
+    that starts or ends mid-cluster (a guest file's blocks rarely sit on cluster boundaries) is
+    split: the partial head and tail alone, the aligned middle in one zero-copy read."""
     length = max(0, min(len(dest), source.size - offset))
     if length == 0:
         return 0
+    align = getattr(source, "alignment", 0)
+    if align and length > 2 * align and (offset % align or length % align):
+        head = -offset % align
+        middle = (length - head) // align * align
+        filled = 0
+        for lo, hi in ((0, head), (head, head + middle), (head + middle, length)):
+            if hi > lo:
+                filled += _readinto_once(source, offset + lo, dest[lo:hi], name)
+        return filled
+    return _readinto_once(source, offset, dest[:length], name)
+
+
+def _readinto_once(source: ByteSource, offset: int, dest: memoryview, name: str) -> int:
+    length = len(dest)
     readinto = getattr(source, "readinto", None)
     if readinto is None:
         data = read_source(source, offset, length, name)
@@ -92,6 +111,8 @@ class SubSource:
         self._source = source
         self._start = start
         self.size = max(0, min(length, source.size - start))
+        align = getattr(source, "alignment", 0)
+        self.alignment = align if align and start % align == 0 else 0
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the range (clipped to it)."""
@@ -103,7 +124,7 @@ class SubSource:
         length = max(0, min(len(dest), self.size - offset))
         if length == 0:
             return 0
-        return readinto_source(self._source, self._start + offset, dest[:length], "range")
+        return _readinto_once(self._source, self._start + offset, dest[:length], "range")
 
 
 class StreamSource:

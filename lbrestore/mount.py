@@ -59,6 +59,9 @@ class ViewSource:
 
     def __init__(self, views: Sequence[_View]) -> None:
         self.size = views[0].virtual_size
+        self.alignment: int = getattr(views[0], "cluster_size", 0)
+        """Reads of whole clusters go straight into the caller's buffer (lbguest splits its
+        reads on this)."""
         self._idle: queue.SimpleQueue[_View] = queue.SimpleQueue()
         for view in views:
             self._idle.put(view)
