@@ -245,3 +245,39 @@ def test_ext4_inline_data(tmp_path: Path) -> None:
         assert fs.read(rel, 0, 1 << 20) == data, rel
     assert [e.name for e in fs.listdir("dir")] == ["fifty.txt", "hundred.txt", "longlink", "sub"]
     assert fs.entry("dir/longlink").symlink_target == "t" * 80
+
+
+class AlignedSource:
+    """Bytes in memory with a cluster alignment, recording each readinto."""
+
+    alignment = 65536
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+        self.calls: list[tuple[int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def readinto(self, offset: int, dest: memoryview) -> int:
+        self.calls.append((offset, len(dest)))
+        dest[:] = self.data[offset : offset + len(dest)]
+        return len(dest)
+
+
+def test_long_reads_are_split_at_cluster_boundaries() -> None:
+    from lbguest.stream import ReadBudget, SourceStream, SubSource
+
+    data = os.urandom(4 << 20)
+    source = AlignedSource(data)
+    part = SubSource(source, 1 << 20, 3 << 20)
+    stream = SourceStream(part, ReadBudget("t"))
+    dest = memoryview(bytearray(1 << 20))
+    assert stream.preadinto(4096, dest) == 1 << 20
+    assert bytes(dest) == data[(1 << 20) + 4096 : (2 << 20) + 4096]
+    (head, head_len), (middle, middle_len), (tail, tail_len) = source.calls
+    assert (head, head_len) == ((1 << 20) + 4096, 65536 - 4096)
+    assert (tail, tail_len) == ((2 << 20), 4096)
+    assert middle % 65536 == 0 and middle_len == 15 * 65536
+    assert SubSource(source, 4096, 1 << 20).alignment == 0  # a misaligned partition: no split
