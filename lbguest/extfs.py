@@ -20,7 +20,7 @@ from dissect.extfs.extfs import INode
 from lbguest.base import Run, TreeFilesystem, kind_of
 from lbguest.errors import DamagedFilesystemError
 from lbguest.jbd2 import replay_journal
-from lbguest.model import ByteSource, EntryKind, GuestEntry
+from lbguest.model import ByteSource, GuestEntry
 from lbguest.stream import ReadBudget, SourceStream
 
 EXT_MAGIC = 0xEF53
@@ -300,8 +300,3 @@ def _ext_kind(fs: ExtFS) -> str:
     if sb.s_feature_compat & COMPAT_HAS_JOURNAL:
         return "ext3"
     return "ext2"
-
-
-def entry_is_folder(entry: GuestEntry) -> bool:
-    """Whether an entry is a folder (small helper for callers)."""
-    return entry.kind is EntryKind.FOLDER

@@ -10,7 +10,6 @@ stream; plain non-resident data straight from its runs.
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,8 +124,3 @@ class NtfsFilesystem(TreeFilesystem[Any]):
         stream = node.open()
         stream.seek(offset)
         return bytes(stream.read(length))
-
-
-def mode_is_symlink(mode: int) -> bool:
-    """Whether a st_mode is a symlink's."""
-    return stat.S_ISLNK(mode)

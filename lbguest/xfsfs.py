@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from dissect.xfs import XFS
-from dissect.xfs.c_xfs import c_xfs
 from dissect.xfs.xfs import fsb_to_bb
 
 from lbguest.base import Run, TreeFilesystem, kind_of
@@ -106,6 +105,3 @@ class XfsFilesystem(TreeFilesystem[Any]):
     def _read_other(self, node: Any, entry: GuestEntry, offset: int, length: int) -> bytes:
         data = node.datafork().read(entry.size)
         return bytes(data[offset : offset + length])
-
-
-__all__ = ["XfsFilesystem", "c_xfs", "probe_xfs"]
