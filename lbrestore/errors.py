@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lbfuse.errors import FuseError
+from lbguest.errors import GuestError
 from lbqemu.errors import QemuError
 from lbstore.errors import StoreError
 
@@ -19,4 +20,4 @@ class UsageError(AppError):
     exit_code = 2
 
 
-KNOWN_ERRORS: tuple[type[Exception], ...] = (AppError, StoreError, QemuError, FuseError)
+KNOWN_ERRORS: tuple[type[Exception], ...] = (AppError, StoreError, QemuError, FuseError, GuestError)

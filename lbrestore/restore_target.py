@@ -142,6 +142,11 @@ def unswitchable(folder: Path) -> str | None:
     return None
 
 
+def refuse_store_place(target: Path, store: Path) -> None:
+    """Refuse `target` (existing or not) when it is, holds or lies inside the store."""
+    _refuse_store(target, target.resolve(), store.resolve())
+
+
 def _refuse_store(target: Path, resolved: Path, store: Path) -> None:
     if resolved == store or store in resolved.parents:
         raise RestoreTargetError(str(target), f"is inside the store {store}: refused")

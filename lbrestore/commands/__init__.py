@@ -25,6 +25,9 @@ COMMAND_MODULES: dict[str, str] = {
     "prune": "prune_cmd",
     "check": "check_cmd",
     "forget": "forget_cmd",
+    "ls": "guest_cmds",
+    "extract": "guest_cmds",
+    "diff": "guest_cmds",
 }
 
 
