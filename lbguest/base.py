@@ -131,6 +131,10 @@ class TreeFilesystem(Generic[Node]):
         """Bytes of a file whose `_file_runs` is None."""
         raise NotImplementedError
 
+    def _fingerprint(self, node: Node) -> tuple[EntryKind, bytes] | None:
+        """The kind and raw metadata bytes of a node (see `fingerprints`); None: unknown."""
+        return None
+
     # -- the GuestFilesystem interface ---------------------------------------------------------
 
     def entry(self, path: str) -> GuestEntry:
@@ -144,9 +148,29 @@ class TreeFilesystem(Generic[Node]):
             entry, _node = self._lookup(path)
             if entry.kind is not EntryKind.FOLDER:
                 raise GuestPathError(path, errno.ENOTDIR)
-            return [child for child, _ in self._folder(path).values()]
+            folder = self._folder(path)
+            return [self._parsed(name, child) for name, child in folder.items()]
 
         return self._guarded(path, META_BUDGET, listing)
+
+    def fingerprints(self, path: str) -> dict[str, tuple[EntryKind, bytes]] | None:
+        """name -> (kind, the raw on-disk bytes of the entry's metadata) for a folder's entries,
+        without parsing them; equal bytes in two versions of this filesystem mean an equal entry.
+        None when this filesystem cannot tell (lbguest.diff then compares parsed entries)."""
+
+        def collect() -> dict[str, tuple[EntryKind, bytes]] | None:
+            entry, _node = self._lookup(path)
+            if entry.kind is not EntryKind.FOLDER:
+                raise GuestPathError(path, errno.ENOTDIR)
+            found = {}
+            for name, (_entry, node) in self._folder(path).items():
+                print_ = self._fingerprint(node)
+                if print_ is None:
+                    return None
+                found[name] = print_
+            return found
+
+        return self._guarded(path, META_BUDGET, collect)
 
     def read(self, path: str, offset: int, length: int) -> bytes:
         """Bytes of a regular file; short only at its end."""
@@ -216,10 +240,19 @@ class TreeFilesystem(Generic[Node]):
         found = self._folder(parent).get(parts[-1])
         if found is None:
             raise GuestPathError(path)
-        return found
+        return self._parsed(parts[-1], found), found[1]
 
-    def _folder(self, path: str) -> dict[str, tuple[GuestEntry, Node]]:
-        """name -> (entry, node) of a folder's entries, sorted by name (cached)."""
+    def _parsed(self, name: str, child: list[Any]) -> GuestEntry:
+        """The entry of a folder's child, parsed on first use (a lookup of one file does not
+        parse its siblings)."""
+        if child[0] is None:
+            child[0] = self._entry(name, child[1])
+        entry: GuestEntry = child[0]
+        return entry
+
+    def _folder(self, path: str) -> dict[str, list[Any]]:
+        """name -> [entry or None until parsed, node] of a folder's entries, sorted by name
+        (cached)."""
         key = "/".join(split_path(path))
         cached = self._folders.get(key)
         if cached is not None:
@@ -229,13 +262,13 @@ class TreeFilesystem(Generic[Node]):
             _entry, node = self._lookup(key)
         else:
             node = self._root()
-        found: dict[str, tuple[GuestEntry, Node]] = {}
+        found: dict[str, list[Any]] = {}
         for name, child in self._children(node):
             if name in (".", "..", "") or "/" in name or "\0" in name or name in found:
                 continue
             if len(found) >= MAX_FOLDER_ENTRIES:
                 raise DamagedFilesystemError(self.name, f"{key or '/'}: too many entries")
-            found[name] = (self._entry(name, child), child)
+            found[name] = [None, child]
         listing = dict(sorted(found.items()))
         self._folders.put(key, listing)
         return listing

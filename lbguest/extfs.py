@@ -15,12 +15,13 @@ import struct
 from collections.abc import Iterator
 
 from dissect.extfs import ExtFS
+from dissect.extfs.c_ext import c_ext
 from dissect.extfs.extfs import INode
 
 from lbguest.base import Run, TreeFilesystem, kind_of
 from lbguest.errors import DamagedFilesystemError
 from lbguest.jbd2 import replay_journal
-from lbguest.model import ByteSource, GuestEntry
+from lbguest.model import ByteSource, EntryKind, GuestEntry
 from lbguest.stream import ReadBudget, SourceStream
 
 EXT_MAGIC = 0xEF53
@@ -162,6 +163,21 @@ class ExtFilesystem(TreeFilesystem[INode]):
         if len(data) < entry.size:
             raise DamagedFilesystemError(self.name, f"inode {node.inum}: inline data too short")
         return data[offset : min(offset + length, entry.size)]
+
+    def _fingerprint(self, node: INode) -> tuple[EntryKind, bytes]:
+        """The inode number and the inode's raw bytes, read from its table without parsing (as
+        dissect's INode finds it); the kind from the raw i_mode."""
+        sb = self.fs.sb
+        group, index = divmod(node.inum - 1, sb.s_inodes_per_group)
+        desc = self.fs._read_group_desc(group)
+        table = desc.bg_inode_table_lo
+        if self.fs._group_desc_struct == c_ext.ext4_group_desc:
+            table |= desc.bg_inode_table_hi << 32
+        raw = self._stream.pread(table * self.block_size + index * sb.s_inode_size, sb.s_inode_size)
+        if len(raw) < 2:
+            raise DamagedFilesystemError(self.name, f"inode {node.inum} lies past the volume")
+        mode = struct.unpack_from("<H", raw)[0]
+        return kind_of(mode), node.inum.to_bytes(8, "little") + raw
 
     # -- block maps --------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,7 +28,44 @@ from lbstore.model import RestorePoint
 from lbstore.store import Store
 
 COPY_CHUNK = 1 << 20
+CACHE_CHUNK = 1 << 16
+CACHE_CHUNKS = 512  # 32 MiB per disk
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
+
+
+class ChunkCache:
+    """A source whose small reads (a filesystem's metadata: inodes, folders, tables) are served
+    from recently read aligned chunks, each read and checked once; large reads pass through.
+    A restore point's bytes never change while it is open, so nothing cached goes stale."""
+
+    def __init__(self, source: ViewSource, chunk: int = CACHE_CHUNK, chunks: int = CACHE_CHUNKS):
+        self._source = source
+        self._chunk = chunk
+        self._limit = chunks
+        self._chunks: OrderedDict[int, bytes] = OrderedDict()
+        self.size = source.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length >= self._chunk:
+            return self._source.read(offset, length)
+        first, last = offset // self._chunk, (offset + length - 1) // self._chunk
+        start = offset - first * self._chunk
+        if first == last:
+            return self._cached(first)[start : start + length]
+        data = b"".join(self._cached(index) for index in range(first, last + 1))
+        return data[start : start + length]
+
+    def _cached(self, index: int) -> bytes:
+        data = self._chunks.get(index)
+        if data is not None:
+            self._chunks.move_to_end(index)
+            return data
+        start = index * self._chunk
+        data = self._source.read(start, min(self._chunk, self.size - start))
+        self._chunks[index] = data
+        if len(self._chunks) > self._limit:
+            self._chunks.popitem(last=False)
+        return data
 
 
 def open_point_files(store: Store, point: RestorePoint, stack: ExitStack) -> GuestFiles:
@@ -38,7 +76,7 @@ def open_point_files(store: Store, point: RestorePoint, stack: ExitStack) -> Gue
     for disk in point.disks:
         (view,) = verified_views(store, point, disk.name, 1, report)
         stack.callback(view.close)
-        sources[disk.name] = ViewSource([view])
+        sources[disk.name] = ChunkCache(ViewSource([view]))
     return GuestFiles.open(sources)
 
 

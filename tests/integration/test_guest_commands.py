@@ -14,11 +14,16 @@ import shutil
 import stat
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fixtures.guest_disks import GuestDiskPoint, GuestFs, expected_tree
+
+from lbguest.diff import DiffStats, diff_paths
+from lbrestore.guestfiles import open_point_files
+from lbstore.store import Store
 
 MiB = 1 << 20
 
@@ -376,3 +381,19 @@ def test_diff_names_a_known_change_set_and_nothing_else(
         assert ("M", "vda/same/mode.sh") in got and ("M", "vda/link") in got
     human = lbrestore(imported.store, "diff", f"{vm}@#{first}", f"{vm}@#{second}").stdout
     assert "+ vda/added/\n" in human and "M vda/same/bytes.txt\n" in human
+
+
+def test_diff_reads_nothing_that_metadata_proves_equal(imported: ImportedPoints) -> None:
+    """ext4 changed in place: unchanged entries are skipped by their raw inode bytes, unparsed
+    and unread; only the changed ones are parsed, and no file's bytes are compared."""
+    (id1, point1), (id2, point2) = imported.points
+    with Store.open(imported.store) as store, ExitStack() as stack:
+        old = open_point_files(store, store.resolve(f"vm1@#{id1}"), stack).get("vda-part1")
+        new = open_point_files(store, store.resolve(f"vm1@#{id2}"), stack).get("vda-part1")
+        stats = DiffStats()
+        changes = {c.path for c in diff_paths(old, new, "", "vda-part1", stats)}
+    case = next(c for c in point1.filesystems if c.folder == "vda-part1")
+    assert changes == {path for _sign, path in expected_changes(point1.source, point2.source, case)}
+    assert stats.files_read == 0 and stats.compared_bytes == 0
+    unchanged = len(expected_tree(point1.source, case)) - len(changes)
+    assert stats.skipped_by_token >= unchanged // 2
