@@ -13,13 +13,12 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fixtures.guest_disks import GuestDiskPoint, GuestFs, expected_tree
+from guest_store import ImportedPoints, import_fixture_points, import_point, lbrestore
 
 from lbguest.diff import DiffStats, diff_paths
 from lbrestore.guestfiles import open_point_files
@@ -28,41 +27,13 @@ from lbstore.store import Store
 MiB = 1 << 20
 
 
-@dataclass
-class ImportedPoints:
-    store: Path
-    points: list[tuple[int, GuestDiskPoint]]  # (restore point id, what it holds)
-
-
-def lbrestore(store: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lbrestore", "--store", str(store), *map(str, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def import_point(store: Path, vm: str, disks: dict[str, Path], hour: int) -> int:
-    args = [arg for name, path in disks.items() for arg in ("--disk", f"{name}={path}")]
-    done = lbrestore(store, "import", vm, *args, "--at", f"2026-01-01T{hour:02}:00:00")
-    assert done.returncode == 0, done.stderr
-    listed = json.loads(lbrestore(store, "list", vm, "--json").stdout)
-    return max(entry["id"] for entry in listed)
-
-
 @pytest.fixture(scope="module")
 def imported(
     tmp_path_factory: pytest.TempPathFactory,
     guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint],
 ) -> ImportedPoints:
     store = tmp_path_factory.mktemp("guest-cmd-store") / "store"
-    assert lbrestore(store, "init").returncode == 0
-    points = [
-        (import_point(store, "vm1", point.disks, hour), point)
-        for hour, point in enumerate(guest_disk_points, start=1)
-    ]
-    return ImportedPoints(store, points)
+    return import_fixture_points(store, guest_disk_points)
 
 
 def one_line_error(done: subprocess.CompletedProcess[str], code: int) -> str:

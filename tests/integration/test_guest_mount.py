@@ -13,32 +13,16 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fixtures.guest_disks import GuestDiskPoint, GuestFs, expected_tree
+from guest_store import ImportedPoints, import_fixture_points, lbrestore
 
 from lbguest.files import GuestFiles
 from lbguest.model import EntryKind, GuestFilesystem
 from lbstore.store import Store
-
-
-@dataclass
-class ImportedPoints:
-    store: Path
-    points: list[tuple[int, GuestDiskPoint]]  # (restore point id, what it holds)
-
-
-def _lbrestore(store: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lbrestore", "--store", str(store), *map(str, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +30,9 @@ def imported(
     tmp_path_factory: pytest.TempPathFactory,
     guest_disk_points: tuple[GuestDiskPoint, GuestDiskPoint],
 ) -> ImportedPoints:
-    store = tmp_path_factory.mktemp("guest-store") / "store"
-    assert _lbrestore(store, "init").returncode == 0
-    points = []
-    for hour, point in enumerate(guest_disk_points, start=1):
-        disks = [arg for name, path in point.disks.items() for arg in ("--disk", f"{name}={path}")]
-        done = _lbrestore(store, "import", "vm1", *disks, "--at", f"2026-01-01T0{hour}:00:00")
-        assert done.returncode == 0, done.stderr
-    listed = json.loads(_lbrestore(store, "list", "vm1", "--json").stdout)
-    ids = sorted(entry["id"] for entry in listed)
-    points = list(zip(ids, guest_disk_points, strict=True))
-    return ImportedPoints(store, points)
+    return import_fixture_points(
+        tmp_path_factory.mktemp("guest-store") / "store", guest_disk_points
+    )
 
 
 @pytest.fixture
@@ -66,13 +42,13 @@ def mounted(imported: ImportedPoints, tmp_path: Path) -> Iterator[list[Path]]:
         for point_id, _point in imported.points:
             mountpoint = tmp_path / f"mnt{point_id}"
             mountpoint.mkdir()
-            done = _lbrestore(imported.store, "mount", f"vm1@#{point_id}", mountpoint)
+            done = lbrestore(imported.store, "mount", f"vm1@#{point_id}", mountpoint)
             assert done.returncode == 0, done.stderr
             mountpoints.append(mountpoint)
         yield mountpoints
     finally:
         for mountpoint in mountpoints:
-            _lbrestore(imported.store, "umount", mountpoint)
+            lbrestore(imported.store, "umount", mountpoint)
 
 
 def _walk_mount(root: Path) -> dict[str, os.stat_result]:
@@ -231,8 +207,8 @@ def test_damage_answers_eio_and_leaves_the_mount_serving(
     _splice(disk, start2, part2)
 
     store = tmp_path / "store"
-    assert _lbrestore(store, "init").returncode == 0
-    done = _lbrestore(store, "import", "vm2", "--disk", f"vdb={disk}")
+    assert lbrestore(store, "init").returncode == 0
+    done = lbrestore(store, "import", "vm2", "--disk", f"vdb={disk}")
     assert done.returncode == 0, done.stderr
     with Store.open(store) as opened:
         point = opened.resolve("vm2@latest")
@@ -251,7 +227,7 @@ def test_damage_answers_eio_and_leaves_the_mount_serving(
 
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    done = _lbrestore(store, "mount", "vm2@latest", mountpoint)
+    done = lbrestore(store, "mount", "vm2@latest", mountpoint)
     assert done.returncode == 0, done.stderr
     try:
         names = sorted(os.listdir(mountpoint / "files"))
@@ -273,7 +249,7 @@ def test_damage_answers_eio_and_leaves_the_mount_serving(
             raw.seek(start1)
             assert raw.read(1 << 20) == disk.read_bytes()[start1 : start1 + (1 << 20)]
     finally:
-        _lbrestore(store, "umount", mountpoint)
+        lbrestore(store, "umount", mountpoint)
 
 
 def test_a_one_tib_disk_mounts_without_parsing_its_filesystems(tmp_path: Path) -> None:
@@ -291,11 +267,11 @@ def test_a_one_tib_disk_mounts_without_parsing_its_filesystems(tmp_path: Path) -
     mkfs = ["mkfs.ext4", "-q", "-F", "-E", "offset=1048576", "-d", str(source), str(disk), "131072"]
     subprocess.run(mkfs, check=True, capture_output=True)
     store = tmp_path / "store"
-    assert _lbrestore(store, "init").returncode == 0
-    assert _lbrestore(store, "import", "big", "--disk", f"vda={disk}").returncode == 0
+    assert lbrestore(store, "init").returncode == 0
+    assert lbrestore(store, "import", "big", "--disk", f"vda={disk}").returncode == 0
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    done = _lbrestore(store, "mount", "big@latest", mountpoint)
+    done = lbrestore(store, "mount", "big@latest", mountpoint)
     assert done.returncode == 0, done.stderr
     try:
         assert (mountpoint / "vda-part2.raw").stat().st_size > (1 << 40) - (1 << 30)
@@ -304,4 +280,4 @@ def test_a_one_tib_disk_mounts_without_parsing_its_filesystems(tmp_path: Path) -
         notes = json.loads((mountpoint / "vm.json").read_text())["guest_files"]["notes"]
         assert notes == [{"source": "vda-part2", "note": "unrecognized filesystem"}]
     finally:
-        _lbrestore(store, "umount", mountpoint)
+        lbrestore(store, "umount", mountpoint)
