@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from dissect.util.hash.crc32c import crc32c
+from dissect.util.hash import crc32c as crc32c_impl  # dissect's native build, else pure Python
 
 from lbguest.errors import DamagedFilesystemError
 
@@ -52,7 +52,7 @@ MAX_TRANSACTIONS = 1 << 20
 
 def linux_crc32c(seed: int, data: bytes) -> int:
     """The kernel's crc32c(seed, data): no inversion before or after."""
-    return crc32c(data, seed ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(crc32c_impl.crc32c(data, seed ^ 0xFFFFFFFF)) ^ 0xFFFFFFFF
 
 
 @dataclass
