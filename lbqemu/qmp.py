@@ -26,6 +26,7 @@ from lbqemu.errors import (
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_COMMAND_TIMEOUT = 120.0
+DISCONNECT_TIMEOUT = 10.0
 JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
 
 SocketAddress = str | tuple[str, int]
@@ -101,9 +102,10 @@ class QmpSession:
             delay = min(delay * 2, 0.5)
 
     async def close(self) -> None:
-        """Disconnect; errors of an already broken connection are ignored."""
+        """Disconnect; errors of an already broken connection are ignored, and a peer that
+        never lets go does not hold the caller longer than DISCONNECT_TIMEOUT."""
         with contextlib.suppress(Exception):
-            await self._client.disconnect()
+            await asyncio.wait_for(self._client.disconnect(), DISCONNECT_TIMEOUT)
 
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None

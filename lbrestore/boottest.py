@@ -40,6 +40,7 @@ CONSOLE_TAIL_CHARS = 2000
 _CONSOLE_KEEP_CHARS = 64 * 1024
 _QEMU = "qemu-system-x86_64"
 _STATUS_POLL_SECONDS = 0.25
+_CLEANUP_SECONDS = 5.0  # how long a finished attempt's watchers may take before QEMU is stopped
 OVMF_PAIRS = (
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
     ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
@@ -390,9 +391,14 @@ class _QemuRun:
                 # QEMU writes its message before it stops the guest: let the pipe drain.
                 await asyncio.wait(pumps, timeout=0.5)
         finally:
-            for task in ends + pumps:
+            tasks: list[asyncio.Task[object]] = [*ends, *pumps]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*ends, *pumps, return_exceptions=True)
+            _done, pending = await asyncio.wait(tasks, timeout=_CLEANUP_SECONDS)
+            if pending:
+                # A QMP disconnect or a pipe can wait on QEMU itself: stop it, then they end.
+                await _stop(self.process)
+                await asyncio.wait(pending, timeout=_CLEANUP_SECONDS)
 
     async def _pump(
         self, stream: asyncio.StreamReader, buffer: bytearray, pattern: re.Pattern[str] | None
