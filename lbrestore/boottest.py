@@ -40,7 +40,7 @@ CONSOLE_TAIL_CHARS = 2000
 _CONSOLE_KEEP_CHARS = 64 * 1024
 _QEMU = "qemu-system-x86_64"
 _STATUS_POLL_SECONDS = 0.25
-_CLEANUP_SECONDS = 5.0  # how long a finished attempt's watchers may take before QEMU is stopped
+_CLEANUP_SECONDS = 5.0  # how long a finished attempt's watchers may take to end
 OVMF_PAIRS = (
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
     ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
@@ -372,6 +372,7 @@ class _QemuRun:
         self.stopped_state: str | None = None
         self.status: int | None = None
         self._marker_seen = asyncio.Event()
+        self._draining = False
 
     async def watch(self, pattern: re.Pattern[str], timeout: float) -> None:
         """Until the marker, QEMU's exit, a stopped guest or the timeout, whichever is first."""
@@ -391,19 +392,24 @@ class _QemuRun:
                 # QEMU writes its message before it stops the guest: let the pipe drain.
                 await asyncio.wait(pumps, timeout=0.5)
         finally:
-            tasks: list[asyncio.Task[object]] = [*ends, *pumps]
-            for task in tasks:
+            # The attempt is over. QEMU goes on printing, and with nobody reading, a full pipe
+            # would block its vCPU (holding the big lock), so neither QMP nor SIGTERM would get
+            # through: keep draining while QEMU is stopped, and only then end the readers.
+            self._draining = True
+            for task in ends:
                 task.cancel()
-            _done, pending = await asyncio.wait(tasks, timeout=_CLEANUP_SECONDS)
-            if pending:
-                # A QMP disconnect or a pipe can wait on QEMU itself: stop it, then they end.
-                await _stop(self.process)
-                await asyncio.wait(pending, timeout=_CLEANUP_SECONDS)
+            await _stop(self.process)
+            for task in pumps:
+                task.cancel()
+            tasks: list[asyncio.Task[object]] = [*ends, *pumps]
+            await asyncio.wait(tasks, timeout=_CLEANUP_SECONDS)
 
     async def _pump(
         self, stream: asyncio.StreamReader, buffer: bytearray, pattern: re.Pattern[str] | None
     ) -> None:
         while chunk := await stream.read(65536):
+            if self._draining:
+                continue
             buffer += chunk
             del buffer[:-_CONSOLE_KEEP_CHARS]
             if pattern is not None and pattern.search(_text(buffer)):
@@ -411,7 +417,7 @@ class _QemuRun:
                 self._marker_seen.set()
 
     async def _exit(self, pumps: list[asyncio.Task[None]]) -> None:
-        await asyncio.gather(*pumps)
+        await asyncio.wait(pumps)  # not gather: cancelling this task must not end the readers
         self.status = await self.process.wait()
 
     async def _stopped_guest(self) -> None:

@@ -80,3 +80,30 @@ def test_unreadable_disk_reports_qemu_s_message(tmp_path: Path) -> None:
     result = boot_test([BootDisk("vda", tmp_path / "missing.qcow2")], timeout=BOOT_TIMEOUT)
     assert not result.booted
     assert result.reason and "QEMU exited" in result.reason and "missing.qcow2" in result.reason
+
+
+def _qemu_using(path: Path) -> list[str]:
+    """Pids of processes whose command line names `path` (QEMU left running)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(path).encode() in cmdline.read_bytes():
+                found.append(cmdline.parent.name)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("accelerator", [None, "tcg"])
+def test_a_guest_that_never_stops_printing_ends_and_leaves_no_qemu(
+    tmp_path: Path, accelerator: str | None
+) -> None:
+    """After the marker QEMU goes on writing its console as fast as it can: the boot test still
+    ends at the marker, three times in a row, and no QEMU is left running."""
+    disk = write_boot_disk(tmp_path / "chatty.raw", damage="chatty")
+    for _ in range(3):
+        result = boot_test(
+            [BootDisk("vda", disk, "raw")], timeout=BOOT_TIMEOUT, accelerator=accelerator
+        )
+        assert result.booted, result.reason
+    assert _qemu_using(disk) == []
