@@ -1,8 +1,10 @@
 """Benchmark: `lbrestore diff` of two points vs a full walk comparing every file of both.
 
 An ext4 filesystem of LBR_BENCH_FILES (default 10,000) files of 1-16 KiB in folders of 100
-(`mkfs.ext4 -d`), imported as point 1; then 1% of the files rewritten in place with debugfs
-(new content, the folder and every other inode untouched) and the disk imported as point 2.
+(`mkfs.ext4 -d`) plus a file written a second later (the guest's last activity before the
+point: see lbguest/diff.py on racy tokens), imported as point 1; then 1% of the files rewritten
+with debugfs (new content; the folder and every other inode untouched) and the disk imported as
+point 2.
 Each round opens both points afresh (no parser cache carried over) and times, in one process
 over the same checked store views:
 
@@ -61,6 +63,14 @@ def build(work: Path, files: int) -> tuple[Path, set[str]]:
     subprocess.run(
         ["mkfs.ext4", "-q", "-F", "-N", str(files + 1000), "-d", tree, image, f"{size_mib}M"],
         check=True,
+    )
+    # The guest's last activity before point 1 (a log line, say) comes after the files were
+    # made: the newest ctime of point 1, which lets the diff trust the other files' tokens.
+    time.sleep(1.1)
+    stamp = work / "stamp"
+    stamp.write_bytes(b"last activity before point 1\n")
+    subprocess.run(
+        ["debugfs", "-w", "-R", f"write {stamp} stamp", image], check=True, capture_output=True
     )
     changed = sorted(rng.sample(names, max(1, files // 100)))
     script = work / "changes.debugfs"

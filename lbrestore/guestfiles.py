@@ -308,6 +308,9 @@ def entry_dict(entry: GuestEntry, path: str) -> dict[str, object]:
         "gid": entry.gid,
         "size": entry.size,
         "mtime_ns": entry.mtime_ns,
+        "atime_ns": entry.atime_ns,
+        "ctime_ns": entry.ctime_ns,
+        "inode": entry.inode,
         "nlink": entry.nlink,
     }
     if entry.symlink_target is not None:

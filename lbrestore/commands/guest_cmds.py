@@ -48,8 +48,14 @@ def printable(text: str) -> str:
     )
 
 
+def iso_time(time_ns: int) -> str:
+    """A guest's time (ns since the epoch) as ISO-8601 UTC to the second."""
+    moment = datetime.fromtimestamp(time_ns // 1_000_000_000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _entry_line(entry: GuestEntry) -> str:
-    moment = datetime.fromtimestamp(entry.mtime_ns / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M")
+    moment = iso_time(entry.mtime_ns)
     name = printable(entry.name) + ("/" if entry.kind is EntryKind.FOLDER else "")
     line = f"{stat.filemode(entry.mode)} {entry.nlink:>3} {entry.uid:>5} {entry.gid:>5} "
     line += f"{entry.size:>12} {moment} {name}"
@@ -67,8 +73,11 @@ def ls_command(store: Store, address: str, path: str, as_json: bool) -> None:
     """List the guest's files in a restore point, without mounting.
 
     Without PATH: the filesystems found on the point's disks (type, journal) and what was left
-    out and why. With PATH: that folder's entries (or that one entry), as `ls -l` shows them;
-    owners are the guest's numeric ids, times UTC.
+    out and why. With PATH: that folder's entries (or that one entry), as `ls -l` shows them
+    (mode, links, uid, gid, size, mtime, name, -> target); owners are the guest's numeric ids,
+    times ISO-8601 UTC. --json: an array of objects (filesystems: name, type, journal; volumes
+    left out: name, note; entries: name, path, kind, mode, uid, gid, size, times in ns, inode,
+    nlink, target).
 
     \b
     lbrestore ls vm1@latest
@@ -94,14 +103,18 @@ def ls_command(store: Store, address: str, path: str, as_json: bool) -> None:
 
 
 def _list_filesystems(files: GuestFiles, as_json: bool) -> None:
-    summary = files.summary()
+    found = [
+        {"name": name, "type": fs.fs_type, "journal": fs.journal}
+        for name, fs in files.filesystems.items()
+    ]
+    left_out = [{"name": note["source"], "note": note["note"]} for note in files.notes]
     if as_json:
-        echo_json(summary)
+        echo_json(found + left_out)
         return
-    for fs in summary["filesystems"]:  # type: ignore[attr-defined]
+    for fs in found:
         click.echo(f"{fs['name']}/  {fs['type']}  ({fs['journal']})")
-    for note in summary["notes"]:  # type: ignore[attr-defined]
-        click.echo(f"{note['source']}: not shown: {note['note']}")
+    for note in left_out:
+        click.echo(f"{note['name']}: not shown: {note['note']}")
 
 
 @click.command("extract")
