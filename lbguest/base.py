@@ -131,8 +131,8 @@ class TreeFilesystem(Generic[Node]):
         """Bytes of a file whose `_file_runs` is None."""
         raise NotImplementedError
 
-    def _fingerprint(self, node: Node) -> tuple[EntryKind, bytes] | None:
-        """The kind and raw metadata bytes of a node (see `fingerprints`); None: unknown."""
+    def _fingerprint(self, node: Node) -> tuple[EntryKind, int, bytes] | None:
+        """The kind, ctime and raw metadata bytes of a node (see `fingerprints`); None: unknown."""
         return None
 
     # -- the GuestFilesystem interface ---------------------------------------------------------
@@ -153,12 +153,13 @@ class TreeFilesystem(Generic[Node]):
 
         return self._guarded(path, META_BUDGET, listing)
 
-    def fingerprints(self, path: str) -> dict[str, tuple[EntryKind, bytes]] | None:
-        """name -> (kind, the raw on-disk bytes of the entry's metadata) for a folder's entries,
-        without parsing them; equal bytes in two versions of this filesystem mean an equal entry.
-        None when this filesystem cannot tell (lbguest.diff then compares parsed entries)."""
+    def fingerprints(self, path: str) -> dict[str, tuple[EntryKind, int, bytes]] | None:
+        """name -> (kind, ctime_ns, the raw on-disk bytes of the entry's metadata) for a folder's
+        entries, without parsing them; equal bytes in two versions of this filesystem mean an
+        equal entry. None when this filesystem cannot tell (lbguest.diff then compares parsed
+        entries)."""
 
-        def collect() -> dict[str, tuple[EntryKind, bytes]] | None:
+        def collect() -> dict[str, tuple[EntryKind, int, bytes]] | None:
             entry, _node = self._lookup(path)
             if entry.kind is not EntryKind.FOLDER:
                 raise GuestPathError(path, errno.ENOTDIR)

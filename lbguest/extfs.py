@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from dissect.extfs import ExtFS
 from dissect.extfs.c_ext import c_ext
-from dissect.extfs.extfs import INode
+from dissect.extfs.extfs import INode, _parse_ns_ts
 
 from lbguest.base import Run, TreeFilesystem, kind_of
 from lbguest.errors import DamagedFilesystemError
@@ -47,6 +47,8 @@ EXTENT_HEADER = struct.Struct("<HHHHI")
 EXTENT = struct.Struct("<IHHI")
 EXTENT_INDEX = struct.Struct("<IIHH")
 I_BLOCK_SIZE = 60
+RAW_CTIME = 0x0C  # i_ctime in the on-disk inode
+RAW_CTIME_EXTRA = 0x84  # i_ctime_extra: epoch bits and nanoseconds (inodes over 128 bytes)
 
 
 def probe_ext(source: ByteSource) -> bool:
@@ -164,9 +166,9 @@ class ExtFilesystem(TreeFilesystem[INode]):
             raise DamagedFilesystemError(self.name, f"inode {node.inum}: inline data too short")
         return data[offset : min(offset + length, entry.size)]
 
-    def _fingerprint(self, node: INode) -> tuple[EntryKind, bytes]:
-        """The inode number and the inode's raw bytes, read from its table without parsing (as
-        dissect's INode finds it); the kind from the raw i_mode."""
+    def _fingerprint(self, node: INode) -> tuple[EntryKind, int, bytes]:
+        """The kind, the ctime (as `_entry` gives it) and the inode number with the inode's raw
+        bytes, read from its table as dissect's INode finds it, but not parsed."""
         sb = self.fs.sb
         group, index = divmod(node.inum - 1, sb.s_inodes_per_group)
         desc = self.fs._read_group_desc(group)
@@ -174,10 +176,12 @@ class ExtFilesystem(TreeFilesystem[INode]):
         if self.fs._group_desc_struct == c_ext.ext4_group_desc:
             table |= desc.bg_inode_table_hi << 32
         raw = self._stream.pread(table * self.block_size + index * sb.s_inode_size, sb.s_inode_size)
-        if len(raw) < 2:
+        if len(raw) < min(sb.s_inode_size, RAW_CTIME_EXTRA + 4):
             raise DamagedFilesystemError(self.name, f"inode {node.inum} lies past the volume")
-        mode = struct.unpack_from("<H", raw)[0]
-        return kind_of(mode), node.inum.to_bytes(8, "little") + raw
+        mode, ctime = struct.unpack_from("<H", raw)[0], struct.unpack_from("<I", raw, RAW_CTIME)[0]
+        large = len(raw) >= RAW_CTIME_EXTRA + 4  # inodes over 128 bytes carry the ns and epoch
+        extra = struct.unpack_from("<I", raw, RAW_CTIME_EXTRA)[0] if large else 0
+        return kind_of(mode), _parse_ns_ts(ctime, extra), node.inum.to_bytes(8, "little") + raw
 
     # -- block maps --------------------------------------------------------------------------
 
