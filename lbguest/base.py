@@ -18,6 +18,7 @@ import errno
 import stat
 import struct
 import threading
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -95,7 +96,7 @@ class _Lru(OrderedDict[str, Any]):
             self.popitem(last=False)
 
 
-class TreeFilesystem(Generic[Node]):
+class TreeFilesystem(ABC, Generic[Node]):
     """A GuestFilesystem over a backend's nodes; subclasses implement the `_` hooks."""
 
     fs_type: str = "unknown"
@@ -112,24 +113,27 @@ class TreeFilesystem(Generic[Node]):
 
     # -- hooks -------------------------------------------------------------------------------
 
+    @abstractmethod
     def _root(self) -> Node:
-        raise NotImplementedError
+        """The root folder's node."""
 
+    @abstractmethod
     def _children(self, node: Node) -> Iterator[tuple[str, Node]]:
         """(name, node) of each entry of a folder, "." and ".." left out, any order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _entry(self, name: str, node: Node) -> GuestEntry:
-        raise NotImplementedError
+        """The entry of a node, with its metadata as stored."""
 
+    @abstractmethod
     def _file_runs(self, node: Node, entry: GuestEntry) -> list[Run] | None:
         """Where a regular file's bytes lie: (volume byte offset | None for a hole, length);
         None when they do not lie in runs (resident, inline, compressed): then `_read_other`."""
-        raise NotImplementedError
 
     def _read_other(self, node: Node, entry: GuestEntry, offset: int, length: int) -> bytes:
-        """Bytes of a file whose `_file_runs` is None."""
-        raise NotImplementedError
+        """Bytes of a file whose `_file_runs` is None; a filesystem whose files always lie in
+        runs never gets here, so reaching it means its metadata does not add up."""
+        raise DamagedFilesystemError(self.name, f"inode {entry.inode}: no data runs")
 
     def _fingerprint(self, node: Node) -> tuple[EntryKind, int, bytes] | None:
         """The kind, ctime and raw metadata bytes of a node (see `fingerprints`); None: unknown."""
