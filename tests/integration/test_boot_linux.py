@@ -126,4 +126,4 @@ def test_kernel_panic_stops_the_boot_with_a_reason(guest_store: Path) -> None:
     boot = json.loads(done.stdout)["boot"]
     assert boot["stopped_state"] == "guest-panicked", boot
     assert "the guest kernel panicked" in boot["reason"]
-    assert "panic" in boot["console_tail"]  # the kernel's own words (the tail may start mid-trace)
+    assert boot["console_tail"].strip()  # what the guest printed last (its trace, cut anywhere)
